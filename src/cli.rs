@@ -1,0 +1,89 @@
+//! Command-line definitions (clap): one struct per subcommand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::Entity;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "t360-connector",
+    version,
+    about = "Delta-syncs forex brokers' data into the Track360 entity model"
+)]
+pub struct Cli {
+    /// The daemon's settings file; built-in defaults (./state, ./connectors) when absent.
+    #[arg(long, short, global = true, env = "T360_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the settings and every connector file; report each problem with file and key.
+    Check,
+    /// Run one delta sync now, then exit (non-zero if any sync failed).
+    Sync(SyncArgs),
+    /// Re-pull a history range in resumable slices (never moves the live cursor).
+    Backfill(BackfillArgs),
+    /// Show each broker and entity: cursor, lag, last success, last error, counts.
+    Status,
+    /// List quarantined records with their reasons.
+    Quarantine(QuarantineArgs),
+    /// Serve the bundled sample broker (the guide's API over a generated data set).
+    SampleBroker(SampleBrokerArgs),
+    /// Start the sample broker, sync every connector against it, and show the status.
+    Demo(SampleBrokerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Only this broker (its connector's `broker`, or file name).
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// Only this entity: customers, transactions or trading_activity.
+    #[arg(long)]
+    pub entity: Option<Entity>,
+}
+
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    #[arg(long)]
+    pub broker: String,
+    #[arg(long)]
+    pub entity: Option<Entity>,
+    /// Start: a date (2026-01-01, midnight UTC) or an RFC 3339 instant.
+    #[arg(long)]
+    pub since: String,
+    /// End (default: now − settle).
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct QuarantineArgs {
+    #[arg(long)]
+    pub broker: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SampleBrokerArgs {
+    /// Address to listen on (loopback).
+    #[arg(long, default_value = "127.0.0.1:8700")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value_t = 200)]
+    pub customers: usize,
+    #[arg(long, default_value_t = 600)]
+    pub transactions: usize,
+    #[arg(long, default_value_t = 800)]
+    pub activity: usize,
+    /// Make every Nth record invalid (0: none), to see quarantine at work.
+    #[arg(long, default_value_t = 50)]
+    pub invalid_every: usize,
+    /// Serve page numbers only, without `next_cursor`.
+    #[arg(long)]
+    pub page_numbers: bool,
+}

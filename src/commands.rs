@@ -1,0 +1,333 @@
+//! What each subcommand does. `main.rs` parses the command line and maps results to exit codes.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use jiff::{Timestamp, Unit};
+use tracing::{error, info, warn};
+
+use crate::backfill;
+use crate::cli::{BackfillArgs, QuarantineArgs, SampleBrokerArgs, SyncArgs};
+use crate::config::{self, ConnectorPlan, Loaded, SourcePlan, plan::parse_instant};
+use crate::engine::Runner;
+use crate::model::Entity;
+use crate::normalise::Normaliser;
+use crate::sample_broker::{Dataset, DatasetSpec, Paging, SampleBroker};
+use crate::sink::EmbeddedSink;
+use crate::source::Source;
+use crate::source::rest::RestSource;
+use crate::state::Store;
+
+/// A failure whose message is the whole story (printed as is, exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigProblems(pub String);
+
+/// `check`: every problem of every file, or a summary of what is configured.
+pub fn check(config_path: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let loaded = config::load(config_path).map_err(|e| ConfigProblems(e.to_string()))?;
+    if !loaded.problems.is_empty() {
+        let lines: Vec<String> = loaded.problems.iter().map(ToString::to_string).collect();
+        return Err(ConfigProblems(lines.join("\n")).into());
+    }
+    let mut out = String::new();
+    for c in &loaded.connectors {
+        let entities: Vec<&str> = c.entities.iter().map(|e| e.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "ok  {:<20} {}  {}{}",
+            c.broker,
+            c.file.display(),
+            entities.join(","),
+            if c.enabled { "" } else { "  (disabled)" }
+        );
+    }
+    let _ = write!(
+        out,
+        "{} connector(s) valid; state in {}",
+        loaded.connectors.len(),
+        loaded.settings.database_path().display()
+    );
+    Ok(out)
+}
+
+fn load(config_path: Option<&std::path::Path>) -> anyhow::Result<Loaded> {
+    let loaded = config::load(config_path).map_err(|e| ConfigProblems(e.to_string()))?;
+    Ok(loaded)
+}
+
+fn open_store(loaded: &Loaded) -> anyhow::Result<Arc<Store>> {
+    Ok(Arc::new(Store::open(&loaded.settings.database_path())?))
+}
+
+fn source_for(plan: &ConnectorPlan) -> anyhow::Result<Box<dyn Source>> {
+    match &plan.source {
+        SourcePlan::Rest(rest) => Ok(Box::new(
+            RestSource::new(&plan.broker, rest)
+                .with_context(|| format!("{}: cannot build the HTTP client", plan.broker))?,
+        )),
+    }
+}
+
+/// The connectors a command acts on: one broker, or every enabled one. Problems in files that
+/// are not selected are logged and do not stop the others.
+fn select<'a>(loaded: &'a Loaded, broker: Option<&str>) -> anyhow::Result<Vec<&'a ConnectorPlan>> {
+    if let Some(broker) = broker {
+        return Ok(vec![loaded.connector(broker).map_err(ConfigProblems)?]);
+    }
+    for problem in &loaded.problems {
+        error!(%problem, "Connector file is invalid; its broker is not synced.");
+    }
+    Ok(loaded.connectors.iter().filter(|c| c.enabled).collect())
+}
+
+fn entities(plan: &ConnectorPlan, only: Option<Entity>) -> anyhow::Result<Vec<Entity>> {
+    match only {
+        Some(e) if !plan.entities.contains(&e) => {
+            bail!(
+                "{}: entity {e} is not enabled in {}",
+                plan.broker,
+                plan.file.display()
+            )
+        }
+        Some(e) => Ok(vec![e]),
+        None => Ok(plan.entities.clone()),
+    }
+}
+
+/// `sync`: one delta sync of each selected (broker, entity). Fails if any failed.
+pub async fn sync(config_path: Option<&std::path::Path>, args: &SyncArgs) -> anyhow::Result<()> {
+    let loaded = load(config_path)?;
+    let store = open_store(&loaded)?;
+    let sink = EmbeddedSink::new(Arc::clone(&store));
+    let selected = select(&loaded, args.broker.as_deref())?;
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for plan in &selected {
+        let source = source_for(plan)?;
+        let runner = Runner {
+            plan,
+            source: source.as_ref(),
+            sink: &sink,
+            store: &store,
+            normaliser: Normaliser::standard(plan.zone.clone()),
+        };
+        for entity in entities(plan, args.entity)? {
+            runs += 1;
+            if let Err(e) = runner.sync(entity, Timestamp::now()).await {
+                error!(error = %e, "Sync failed; the cursor stays where it was.");
+                failures.push(e.to_string());
+            }
+        }
+    }
+    if !loaded.problems.is_empty() && args.broker.is_none() {
+        failures.push(format!(
+            "{} connector file(s) invalid (see `check`)",
+            loaded.problems.len()
+        ));
+    }
+    match failures.first() {
+        None => Ok(()),
+        Some(first) => Err(anyhow!(
+            "{} of {runs} sync(s) failed; first: {first}",
+            failures.len()
+        )),
+    }
+}
+
+/// `backfill`: re-pull `[since, until]` of a broker, entity by entity, resumably.
+pub async fn backfill(
+    config_path: Option<&std::path::Path>,
+    args: &BackfillArgs,
+) -> anyhow::Result<()> {
+    let since = parse_instant(&args.since).map_err(|e| anyhow!("--since: {e}"))?;
+    let until = match &args.until {
+        Some(text) => Some(parse_instant(text).map_err(|e| anyhow!("--until: {e}"))?),
+        None => None,
+    };
+    if until.is_some_and(|u| u < since) {
+        bail!(
+            "--until {} is before --since {}",
+            until.unwrap_or(since),
+            since
+        );
+    }
+    let loaded = load(config_path)?;
+    let plan = loaded.connector(&args.broker).map_err(ConfigProblems)?;
+    let store = open_store(&loaded)?;
+    let sink = EmbeddedSink::new(Arc::clone(&store));
+    let source = source_for(plan)?;
+    let runner = Runner {
+        plan,
+        source: source.as_ref(),
+        sink: &sink,
+        store: &store,
+        normaliser: Normaliser::standard(plan.zone.clone()),
+    };
+    let now = Timestamp::now();
+    for entity in entities(plan, args.entity)? {
+        let bar = backfill::progress_bar();
+        let done = backfill::backfill(&runner, entity, since, until, now, &bar).await;
+        bar.finish_and_clear();
+        let done = done?;
+        info!(
+            broker = %plan.broker, %entity, pages = done.pages, pulled = done.pulled,
+            stored = done.stats.stored, quarantined = done.stats.quarantined,
+            held = done.stats.held, "Backfill finished."
+        );
+    }
+    Ok(())
+}
+
+/// `status`: a table of every configured or known (broker, entity).
+pub fn status(config_path: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let loaded = load(config_path)?;
+    let store = open_store(&loaded)?;
+    let configured: Vec<(String, Entity)> = loaded
+        .connectors
+        .iter()
+        .flat_map(|c| c.entities.iter().map(|e| (c.broker.clone(), *e)))
+        .collect();
+    let rows = store.status(&configured)?;
+    let now = Timestamp::now();
+    let mut table = vec![
+        [
+            "BROKER",
+            "ENTITY",
+            "CURSOR",
+            "LAG",
+            "LAST SUCCESS",
+            "STORED",
+            "QUARANTINED",
+            "HELD",
+            "LAST ERROR",
+        ]
+        .map(String::from),
+    ];
+    for r in rows {
+        let when = |t: Option<Timestamp>| {
+            t.map_or("-".to_owned(), |t| {
+                t.round(Unit::Second)
+                    .map_or(t.to_string(), |t| t.to_string())
+            })
+        };
+        let lag = r
+            .cursor
+            .map_or("-".to_owned(), |c| human(now.duration_since(c)));
+        let error = r.last_error.map_or("-".to_owned(), |(at, e)| {
+            let e: String = e.chars().take(80).collect();
+            format!("{} {e}", when(Some(at)))
+        });
+        table.push([
+            r.broker,
+            r.entity.to_string(),
+            when(r.cursor),
+            lag,
+            when(r.last_success),
+            r.stored.to_string(),
+            r.quarantined.to_string(),
+            r.held.to_string(),
+            error,
+        ]);
+    }
+    let widths: Vec<usize> = (0..9)
+        .map(|i| {
+            table
+                .iter()
+                .map(|row| row[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in &table {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    Ok(out)
+}
+
+/// `quarantine`: each quarantined record with its reasons.
+pub fn quarantine(
+    config_path: Option<&std::path::Path>,
+    args: &QuarantineArgs,
+) -> anyhow::Result<String> {
+    let loaded = load(config_path)?;
+    let store = open_store(&loaded)?;
+    let mut out = String::new();
+    for q in store.quarantine(args.broker.as_deref())? {
+        let _ = writeln!(out, "{} {}: {}", q.entity, q.key, q.reasons.join("; "));
+        let _ = writeln!(out, "    {}", q.raw);
+    }
+    Ok(out)
+}
+
+fn human(d: jiff::SignedDuration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s < 0 => "-".into(),
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// The sample broker's data set for the given command-line sizes.
+fn sample_data(args: &SampleBrokerArgs) -> Dataset {
+    Dataset::generate(&DatasetSpec {
+        customers: args.customers,
+        transactions: args.transactions,
+        activity: args.activity,
+        invalid_every: args.invalid_every,
+        ..DatasetSpec::default()
+    })
+}
+
+async fn start_sample_broker(args: &SampleBrokerArgs) -> anyhow::Result<SampleBroker> {
+    let paging = if args.page_numbers {
+        Paging::PageNumber
+    } else {
+        Paging::Cursor
+    };
+    SampleBroker::start(args.listen, sample_data(args), paging, None)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))
+}
+
+/// `sample-broker`: serves until interrupted.
+pub async fn sample_broker(args: &SampleBrokerArgs) -> anyhow::Result<()> {
+    let broker = start_sample_broker(args).await?;
+    info!(url = %broker.base_url(), "Sample broker serving; Ctrl-C stops it.");
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    Ok(())
+}
+
+/// `demo`: the sample broker, one sync of every connector against it, then the status table.
+pub async fn demo(
+    config_path: Option<&std::path::Path>,
+    args: &SampleBrokerArgs,
+) -> anyhow::Result<String> {
+    let broker = start_sample_broker(args).await?;
+    info!(url = %broker.base_url(), "Sample broker started.");
+    let result = sync(
+        config_path,
+        &SyncArgs {
+            broker: None,
+            entity: None,
+        },
+    )
+    .await;
+    if let Err(e) = &result {
+        warn!(error = %e, "Demo sync reported failures.");
+    }
+    let table = status(config_path)?;
+    result.map(|()| table)
+}

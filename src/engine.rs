@@ -1,0 +1,266 @@
+//! One sync of one (broker, entity): the window, the pages, the commits, the cursor.
+//!
+//! source → normalise → validate → sink → checkpoint, in that order, one page at a time, so
+//! memory stays flat however long the backfill. The checkpoint moves only in the same commit as
+//! the window's last page: a crash anywhere before it leaves the cursor where it was, and the
+//! re-run re-reads pages whose records are already stored (upserts: no duplicates).
+
+use jiff::{SignedDuration, Timestamp};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::ConnectorPlan;
+use crate::model::Entity;
+use crate::normalise::Normaliser;
+use crate::sink::{CommitStats, PageBatch, Progress, Reject, Sink, Valid};
+use crate::source::{Page, Source, SourceError, Window};
+use crate::state::{Store, StoreError};
+use crate::validate;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{broker}/{entity}: {source}")]
+    Source {
+        broker: String,
+        entity: Entity,
+        source: SourceError,
+    },
+    #[error("{broker}/{entity}: {source}")]
+    Store {
+        broker: String,
+        entity: Entity,
+        source: StoreError,
+    },
+}
+
+/// What one run did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RunSummary {
+    pub pages: u64,
+    pub pulled: u64,
+    pub stats: CommitStats,
+}
+
+/// Whether a run advances the live cursor or a backfill lane.
+#[derive(Debug, Clone, Copy)]
+pub enum Lane {
+    Live,
+    Backfill { since: Timestamp },
+}
+
+/// Everything one connector's runs need.
+pub struct Runner<'a> {
+    pub plan: &'a ConnectorPlan,
+    pub source: &'a dyn Source,
+    pub sink: &'a dyn Sink,
+    pub store: &'a Store,
+    pub normaliser: Normaliser,
+}
+
+impl Runner<'_> {
+    /// The live window of `entity` at `now`: `[cursor − lookback, now − settle]`.
+    ///
+    /// Trading activity also reaches back `activity_repull_days` whole days, because a day's
+    /// rows are replaced by intra-day re-sends.
+    pub fn live_window(&self, entity: Entity, now: Timestamp) -> Result<Window, EngineError> {
+        let sync = &self.plan.sync;
+        let cursor = self
+            .store
+            .cursor(&self.plan.broker, entity)
+            .map_err(|source| self.store_error(entity, source))?;
+        let to = now - sync.settle;
+        let mut from = match cursor {
+            Some(cursor) => cursor - sync.lookback,
+            None => sync.start.unwrap_or(Timestamp::UNIX_EPOCH),
+        };
+        if entity == Entity::TradingActivity && sync.activity_repull_days > 0 {
+            let days = SignedDuration::from_hours(24 * sync.activity_repull_days);
+            from = from.min(now - days);
+        }
+        Ok(Window {
+            from: from.min(to),
+            to,
+        })
+    }
+
+    /// One delta sync of `entity`: pulls the live window and moves the cursor to its end.
+    pub async fn sync(&self, entity: Entity, now: Timestamp) -> Result<RunSummary, EngineError> {
+        let window = self.live_window(entity, now)?;
+        self.run(entity, window, Lane::Live).await
+    }
+
+    /// Pulls `window` of `entity` and commits it, moving `lane`'s progress to the window's end
+    /// in the same commit as the last page.
+    pub async fn run(
+        &self,
+        entity: Entity,
+        window: Window,
+        lane: Lane,
+    ) -> Result<RunSummary, EngineError> {
+        let broker = &self.plan.broker;
+        let kind = match lane {
+            Lane::Live => "sync",
+            Lane::Backfill { .. } => "backfill",
+        };
+        let run = self
+            .store
+            .start_run(broker, entity, kind, (window.from, window.to))
+            .map_err(|source| self.store_error(entity, source))?;
+        let span = info_span!("run", broker = %broker, entity = %entity, run_id = run);
+        let mut summary = RunSummary::default();
+        let result = self
+            .pull(entity, window, lane, &mut summary)
+            .instrument(span.clone())
+            .await;
+        let error = result.as_ref().err().map(ToString::to_string);
+        if let Err(e) = self.store.finish_run(
+            run,
+            summary.pages,
+            summary.pulled,
+            summary.stats,
+            error.as_deref(),
+        ) {
+            span.in_scope(|| warn!(error = %e, "Could not record the run's end."));
+        }
+        result.map(|()| summary)
+    }
+
+    async fn pull(
+        &self,
+        entity: Entity,
+        window: Window,
+        lane: Lane,
+        summary: &mut RunSummary,
+    ) -> Result<(), EngineError> {
+        info!(from = %window.from, to = %window.to, "Sync started.");
+        let mut pager = self.source.pages(entity, window);
+        let source_error = |source| EngineError::Source {
+            broker: self.plan.broker.clone(),
+            entity,
+            source,
+        };
+        // One page of look-ahead: a page is committed once we know whether it is the last,
+        // so that the last page's records and the checkpoint share one transaction.
+        let mut current = pager.next_page().await.map_err(source_error)?;
+        while let Some(page) = current {
+            let next = match pager.next_page().await {
+                Ok(next) => next,
+                Err(e) => {
+                    // Keep what was received: store the page in hand, then fail.
+                    self.commit(entity, page, Progress::None, summary).await?;
+                    return Err(source_error(e));
+                }
+            };
+            let progress = match (&next, lane) {
+                (Some(_), _) => Progress::None,
+                (None, Lane::Live) => Progress::Cursor(window.to),
+                (None, Lane::Backfill { since }) => Progress::Backfill {
+                    since,
+                    done_until: window.to,
+                },
+            };
+            self.commit(entity, page, progress, summary).await?;
+            current = next;
+        }
+        let s = summary.stats;
+        info!(
+            pages = summary.pages,
+            pulled = summary.pulled,
+            stored = s.stored,
+            quarantined = s.quarantined,
+            held = s.held,
+            released = s.released,
+            "Sync finished."
+        );
+        Ok(())
+    }
+
+    async fn commit(
+        &self,
+        entity: Entity,
+        page: Page,
+        progress: Progress,
+        summary: &mut RunSummary,
+    ) -> Result<(), EngineError> {
+        let pulled = page.records.len();
+        let (records, rejects) = self.prepare(entity, page.records);
+        if let Some(first) = rejects.first() {
+            // One line per page; `t360-connector quarantine` lists every record and reason.
+            warn!(
+                count = rejects.len(),
+                first_key = %first.key,
+                first_reasons = ?first.reasons,
+                origin = %page.origin,
+                "Records quarantined."
+            );
+        }
+        let batch = PageBatch {
+            broker: self.plan.broker.clone(),
+            entity,
+            records,
+            rejects,
+            progress,
+        };
+        let stats = self
+            .sink
+            .commit(batch)
+            .await
+            .map_err(|source| self.store_error(entity, source))?;
+        debug!(records = pulled, stored = stats.stored, "Page stored.");
+        summary.pages += 1;
+        summary.pulled += pulled as u64;
+        summary.stats += stats;
+        Ok(())
+    }
+
+    /// Normalises and validates a page: valid records and rejects with every reason.
+    fn prepare(&self, entity: Entity, raw: Vec<Value>) -> (Vec<Valid>, Vec<Reject>) {
+        let mut valid = Vec::with_capacity(raw.len());
+        let mut rejects = Vec::new();
+        for original in raw {
+            let mut normalised = original.clone();
+            self.normaliser.apply(entity, &mut normalised);
+            match validate::validate(entity, &normalised) {
+                Ok(record) => valid.push(Valid { record, normalised }),
+                Err(reasons) => rejects.push(Reject {
+                    key: quarantine_key(entity, &normalised),
+                    raw: original.to_string(),
+                    reasons,
+                }),
+            }
+        }
+        (valid, rejects)
+    }
+
+    fn store_error(&self, entity: Entity, source: StoreError) -> EngineError {
+        EngineError::Store {
+            broker: self.plan.broker.clone(),
+            entity,
+            source,
+        }
+    }
+}
+
+/// The key a rejected record is quarantined under: its natural key when its key fields are
+/// there (the same text `Record::key` gives, so that a fixed re-send finds and clears it),
+/// otherwise a digest of the record.
+pub fn quarantine_key(entity: Entity, record: &Value) -> String {
+    let parts: Option<Vec<String>> = entity
+        .key_fields()
+        .iter()
+        .map(|field| match record.get(*field) {
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        })
+        .collect();
+    match parts {
+        Some(parts) => parts.join("|"),
+        None => {
+            let digest = Sha256::digest(record.to_string().as_bytes());
+            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+            format!("sha256:{hex}")
+        }
+    }
+}

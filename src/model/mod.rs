@@ -1,0 +1,212 @@
+//! The Track360 forex entity model: what every source is normalised into and every sink stores.
+//!
+//! Money and lots are exact decimals; instants are UTC; `date` is a calendar day.
+
+use std::fmt;
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use jiff::civil::Date;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// One of the three kinds of record Track360 computes commissions from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Entity {
+    Customers,
+    Transactions,
+    TradingActivity,
+}
+
+impl Entity {
+    /// In dependency order: customers first, so that the others find their customer.
+    pub const ALL: [Entity; 3] = [
+        Entity::Customers,
+        Entity::Transactions,
+        Entity::TradingActivity,
+    ];
+
+    /// The name used in config files, the CLI, the store and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Entity::Customers => "customers",
+            Entity::Transactions => "transactions",
+            Entity::TradingActivity => "trading_activity",
+        }
+    }
+
+    /// The path segment of the guide's API (`/api/v1/forex/<segment>`).
+    pub fn api_segment(self) -> &'static str {
+        match self {
+            Entity::Customers => "customers",
+            Entity::Transactions => "transactions",
+            Entity::TradingActivity => "trading-activity",
+        }
+    }
+
+    /// The natural key's fields, in key order.
+    pub fn key_fields(self) -> &'static [&'static str] {
+        match self {
+            Entity::Customers => &["customer_id"],
+            Entity::Transactions => &["transaction_id"],
+            Entity::TradingActivity => &["date", "customer_id", "instrument", "currency"],
+        }
+    }
+}
+
+impl fmt::Display for Entity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Entity {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "customers" => Ok(Entity::Customers),
+            "transactions" => Ok(Entity::Transactions),
+            "trading_activity" | "trading-activity" => Ok(Entity::TradingActivity),
+            other => Err(format!(
+                "unknown entity `{other}`: expected customers, transactions or trading_activity"
+            )),
+        }
+    }
+}
+
+/// A trader account, attributed to an IB or affiliate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Customer {
+    pub customer_id: String,
+    pub signup_date: Timestamp,
+    pub last_modified_date: Option<Timestamp>,
+    pub affiliate_id: String,
+    pub campaign_id: Option<String>,
+    pub click_id: Option<String>,
+    pub lang_id: Option<String>,
+    pub country_code: Option<String>,
+    pub kyc_status_id: Option<String>,
+    pub sales_status_id: Option<String>,
+    pub trading_account_type: Option<String>,
+    pub leverage: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub email: Option<String>,
+}
+
+/// The kinds of money movement the guide names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransactionType {
+    Deposit,
+    Withdrawal,
+    IbRebate,
+    Bonus,
+    Adjustment,
+}
+
+impl TransactionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransactionType::Deposit => "deposit",
+            TransactionType::Withdrawal => "withdrawal",
+            TransactionType::IbRebate => "ib_rebate",
+            TransactionType::Bonus => "bonus",
+            TransactionType::Adjustment => "adjustment",
+        }
+    }
+}
+
+impl FromStr for TransactionType {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "deposit" => Ok(TransactionType::Deposit),
+            "withdrawal" => Ok(TransactionType::Withdrawal),
+            "ib_rebate" => Ok(TransactionType::IbRebate),
+            "bonus" => Ok(TransactionType::Bonus),
+            "adjustment" => Ok(TransactionType::Adjustment),
+            _ => Err(()),
+        }
+    }
+}
+
+/// A money movement on a trader account. Status changes re-send the same `transaction_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub transaction_id: String,
+    pub customer_id: String,
+    pub transaction_type: TransactionType,
+    pub amount: Decimal,
+    pub currency: String,
+    pub transaction_date: Timestamp,
+    pub status: String,
+    pub last_modified_date: Option<Timestamp>,
+}
+
+/// One trader's activity on one day, in one instrument and currency.
+/// Intra-day re-sends replace the whole row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TradingActivity {
+    pub date: Date,
+    pub customer_id: String,
+    pub instrument: String,
+    pub lots_traded: Decimal,
+    pub volume_usd: Option<Decimal>,
+    pub spread_cost: Option<Decimal>,
+    pub commission: Option<Decimal>,
+    pub pnl: Option<Decimal>,
+    pub currency: String,
+    pub last_modified_date: Option<Timestamp>,
+}
+
+/// A validated record of any entity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Customer(Customer),
+    Transaction(Transaction),
+    TradingActivity(TradingActivity),
+}
+
+impl Record {
+    pub fn entity(&self) -> Entity {
+        match self {
+            Record::Customer(_) => Entity::Customers,
+            Record::Transaction(_) => Entity::Transactions,
+            Record::TradingActivity(_) => Entity::TradingActivity,
+        }
+    }
+
+    /// The natural key as one string (`|`-joined for composite keys).
+    pub fn key(&self) -> String {
+        match self {
+            Record::Customer(c) => c.customer_id.clone(),
+            Record::Transaction(t) => t.transaction_id.clone(),
+            Record::TradingActivity(a) => {
+                format!(
+                    "{}|{}|{}|{}",
+                    a.date, a.customer_id, a.instrument, a.currency
+                )
+            }
+        }
+    }
+
+    /// The customer this record belongs to, for records that need one to exist first.
+    pub fn parent_customer(&self) -> Option<&str> {
+        match self {
+            Record::Customer(_) => None,
+            Record::Transaction(t) => Some(&t.customer_id),
+            Record::TradingActivity(a) => Some(&a.customer_id),
+        }
+    }
+
+    pub fn last_modified_date(&self) -> Option<Timestamp> {
+        match self {
+            Record::Customer(c) => c.last_modified_date,
+            Record::Transaction(t) => t.last_modified_date,
+            Record::TradingActivity(a) => a.last_modified_date,
+        }
+    }
+}

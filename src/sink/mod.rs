@@ -1,0 +1,109 @@
+//! Sinks: where validated records go. The engine hands each page to a `Sink`, which says when
+//! the page, and the progress it completes, are durable.
+//!
+//! The embedded SQLite store (the default) commits records, quarantine, held orphans and the
+//! checkpoint in one transaction: exactly once. A remote sink (the Track360 ingestion API)
+//! plugs in behind the same trait: deliver, await the acknowledgement, then commit progress.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use serde_json::Value;
+
+use crate::model::{Entity, Record};
+use crate::state::{Store, StoreError};
+
+/// A boxed future, so that sinks and sources can sit behind `dyn` traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One page's worth of work for the sink.
+#[derive(Debug)]
+pub struct PageBatch {
+    pub broker: String,
+    pub entity: Entity,
+    pub records: Vec<Valid>,
+    pub rejects: Vec<Reject>,
+    /// What becomes true once this batch is durable.
+    pub progress: Progress,
+}
+
+/// A record that passed validation, with its Track360-shaped JSON (kept for held orphans).
+#[derive(Debug)]
+pub struct Valid {
+    pub record: Record,
+    pub normalised: Value,
+}
+
+/// A record that failed validation: quarantined with every reason.
+#[derive(Debug)]
+pub struct Reject {
+    pub key: String,
+    pub raw: String,
+    pub reasons: Vec<String>,
+}
+
+/// The progress a batch completes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Mid-window: records only; the cursor stays where it is.
+    None,
+    /// The live window is complete up to this instant: the cursor moves here (never back).
+    Cursor(Timestamp),
+    /// A backfill slice is complete: the backfill `(since)` lane is done up to `done_until`.
+    Backfill {
+        since: Timestamp,
+        done_until: Timestamp,
+    },
+}
+
+/// What a commit did, for run history and logs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CommitStats {
+    pub stored: u64,
+    pub quarantined: u64,
+    pub held: u64,
+    pub released: u64,
+    pub unquarantined: u64,
+}
+
+impl std::ops::AddAssign for CommitStats {
+    fn add_assign(&mut self, o: Self) {
+        self.stored += o.stored;
+        self.quarantined += o.quarantined;
+        self.held += o.held;
+        self.released += o.released;
+        self.unquarantined += o.unquarantined;
+    }
+}
+
+/// Stores batches. `commit` returns only when the batch and its progress are durable.
+pub trait Sink: Send + Sync {
+    fn commit(&self, batch: PageBatch) -> BoxFuture<'_, Result<CommitStats, StoreError>>;
+}
+
+/// The embedded SQLite store as a sink.
+pub struct EmbeddedSink {
+    store: Arc<Store>,
+}
+
+impl EmbeddedSink {
+    pub fn new(store: Arc<Store>) -> Self {
+        EmbeddedSink { store }
+    }
+}
+
+impl Sink for EmbeddedSink {
+    fn commit(&self, batch: PageBatch) -> BoxFuture<'_, Result<CommitStats, StoreError>> {
+        let store = Arc::clone(&self.store);
+        Box::pin(async move {
+            // SQLite blocks; keep it off the async workers.
+            tokio::task::spawn_blocking(move || store.commit_page(&batch))
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))?
+        })
+    }
+}

@@ -1,0 +1,68 @@
+//! Sources: where raw records come from. A source opens a pager over one entity's records whose
+//! `last_modified_date` falls in a window; the pager yields pages of raw JSON records.
+//!
+//! The engine owns the window, the commit and the cursor; a source only pages. A new kind of
+//! source (SQL replicas) is one module implementing these two traits.
+
+pub mod rest;
+
+use jiff::Timestamp;
+use serde_json::Value;
+
+use crate::model::Entity;
+use crate::sink::BoxFuture;
+
+/// The `last_modified_date` range of one sync: both bounds inclusive.
+///
+/// The lower bound is inclusive because cursor values are not unique: records that share the
+/// cursor's instant and become visible later must be read again (DOMAIN §4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub from: Timestamp,
+    pub to: Timestamp,
+}
+
+/// One page of raw records.
+#[derive(Debug)]
+pub struct Page {
+    pub records: Vec<Value>,
+    /// Where the page came from, for messages (no secrets in it).
+    pub origin: String,
+}
+
+/// Opens pagers. Shared by every run of a connector.
+pub trait Source: Send + Sync {
+    fn pages(&self, entity: Entity, window: Window) -> Box<dyn Pager + '_>;
+}
+
+/// Yields a window's pages in order; `None` after the last one.
+pub trait Pager: Send {
+    fn next_page(&mut self) -> BoxFuture<'_, Result<Option<Page>, SourceError>>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("GET {url}: HTTP {status}: {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("GET {url}: {message}")]
+    Transport { url: String, message: String },
+    #[error("GET {url}: bad page: {message}")]
+    BadPage { url: String, message: String },
+    #[error("GET {url}: {message}")]
+    Unstable { url: String, message: String },
+}
+
+impl SourceError {
+    /// Whether trying the same request again may succeed (decided here, once).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SourceError::Status { status, .. } => *status == 429 || *status >= 500,
+            SourceError::Transport { .. } => true,
+            SourceError::BadPage { .. } | SourceError::Unstable { .. } => false,
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! Durable state in one SQLite file: checkpoints, run history, backfill progress, quarantine,
+//! held orphans, and the embedded entity store.
+//!
+//! One file, so that a page's records and the checkpoint they complete commit in one
+//! transaction (SQLite's WAL gives atomicity only within one database file). WAL mode with
+//! `synchronous = NORMAL`: a `kill -9` loses at most the transaction in flight, never a
+//! committed one, and never leaves records without their checkpoint or the reverse.
+
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use crate::model::{Entity, Record};
+use crate::sink::{CommitStats, PageBatch, Progress, sqlite};
+use crate::validate;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state database task failed: {0}")]
+    Task(String),
+}
+
+/// The state database. One connection behind a mutex: SQLite has one writer anyway, and a
+/// `Connection` is `Send` but not `Sync`.
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+/// A (broker, entity)'s checkpoint and latest runs, for `status`.
+#[derive(Debug, Clone)]
+pub struct EntityStatus {
+    pub broker: String,
+    pub entity: Entity,
+    pub cursor: Option<Timestamp>,
+    pub last_success: Option<Timestamp>,
+    pub last_error: Option<(Timestamp, String)>,
+    pub stored: u64,
+    pub quarantined: u64,
+    pub held: u64,
+}
+
+/// One row of the quarantine.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    pub entity: String,
+    pub key: String,
+    pub raw: String,
+    pub reasons: Vec<String>,
+}
+
+/// A backfill lane's progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackfillProgress {
+    pub since: Timestamp,
+    pub until: Timestamp,
+    pub done_until: Timestamp,
+    pub finished: bool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open = || -> rusqlite::Result<Connection> {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| rusqlite::Error::InvalidPath(dir.join(e.to_string())))?;
+            }
+            let mut conn = Connection::open(path)?;
+            // Another process (a backfill beside the daemon) may hold the write lock briefly.
+            conn.busy_timeout(Duration::from_secs(30))?;
+            let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(rusqlite::Error::InvalidParameterName(format!(
+                    "journal_mode is {mode}, WAL is required"
+                )));
+            }
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            schema::migrate(&mut conn)?;
+            Ok(conn)
+        };
+        let conn = open().map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        // A panic while holding the lock leaves SQLite itself consistent (the transaction
+        // rolls back on drop), so a poisoned lock is safe to take over.
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&mut conn)?)
+    }
+
+    /// Commits one page: records (or holds them), quarantine changes and `progress`, all in one
+    /// transaction. Idempotent: committing the same batch twice leaves the same state.
+    pub fn commit_page(&self, batch: &PageBatch) -> Result<CommitStats, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let now = Timestamp::now().to_string();
+            let mut stats = CommitStats::default();
+            for reject in &batch.rejects {
+                quarantine(&tx, batch, reject, &now)?;
+                stats.quarantined += 1;
+            }
+            for valid in &batch.records {
+                let key = valid.record.key();
+                stats.unquarantined += unquarantine(&tx, &batch.broker, batch.entity, &key)?;
+                let orphan = match valid.record.parent_customer() {
+                    Some(customer) => !sqlite::customer_exists(&tx, &batch.broker, customer)?,
+                    None => false,
+                };
+                if orphan {
+                    hold(&tx, &batch.broker, &valid.record, &valid.normalised, &now)?;
+                    stats.held += 1;
+                    continue;
+                }
+                sqlite::upsert(&tx, &batch.broker, &valid.record)?;
+                unhold(&tx, &batch.broker, batch.entity, &key)?;
+                stats.stored += 1;
+                if let Record::Customer(c) = &valid.record {
+                    stats.released += release_held(&tx, &batch.broker, &c.customer_id)?;
+                }
+            }
+            save_progress(&tx, batch, &now)?;
+            tx.commit()?;
+            Ok(stats)
+        })
+    }
+
+    /// The live cursor of (broker, entity), if a sync has completed.
+    pub fn cursor(&self, broker: &str, entity: Entity) -> Result<Option<Timestamp>, StoreError> {
+        self.with(|conn| {
+            let text: Option<String> = conn
+                .query_row(
+                    "SELECT cursor FROM checkpoints WHERE broker = ?1 AND entity = ?2",
+                    params![broker, entity.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(text.and_then(|t| t.parse().ok()))
+        })
+    }
+
+    /// Records the start of a run and returns its id.
+    pub fn start_run(
+        &self,
+        broker: &str,
+        entity: Entity,
+        kind: &str,
+        window: (Timestamp, Timestamp),
+    ) -> Result<i64, StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO runs (broker, entity, kind, started_at, outcome, window_from, window_to)
+                 VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
+                params![
+                    broker,
+                    entity.as_str(),
+                    kind,
+                    Timestamp::now().to_string(),
+                    window.0.to_string(),
+                    window.1.to_string()
+                ],
+            )?;
+            Ok(conn.last_insert_rowid())
+        })
+    }
+
+    /// Records how a run ended.
+    pub fn finish_run(
+        &self,
+        run: i64,
+        pages: u64,
+        pulled: u64,
+        stats: CommitStats,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE runs SET finished_at = ?2, outcome = ?3, pages = ?4, pulled = ?5,
+                    stored = ?6, quarantined = ?7, held = ?8, error = ?9 WHERE id = ?1",
+                params![
+                    run,
+                    Timestamp::now().to_string(),
+                    if error.is_some() { "failed" } else { "success" },
+                    pages as i64,
+                    pulled as i64,
+                    stats.stored as i64,
+                    stats.quarantined as i64,
+                    stats.held as i64,
+                    error
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The backfill lane of (broker, entity) that starts at `since`, creating it ending at
+    /// `until` when there is none. An unfinished lane resumes where it stopped.
+    pub fn backfill(
+        &self,
+        broker: &str,
+        entity: Entity,
+        since: Timestamp,
+        until: Timestamp,
+    ) -> Result<BackfillProgress, StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO backfills (broker, entity, since, until, done_until, started_at)
+                 VALUES (?1, ?2, ?3, ?4, ?3, ?5)
+                 ON CONFLICT (broker, entity, since) DO NOTHING",
+                params![
+                    broker,
+                    entity.as_str(),
+                    since.to_string(),
+                    until.to_string(),
+                    Timestamp::now().to_string()
+                ],
+            )?;
+            let (until, done, finished): (String, String, Option<String>) = conn.query_row(
+                "SELECT until, done_until, finished_at FROM backfills
+                 WHERE broker = ?1 AND entity = ?2 AND since = ?3",
+                params![broker, entity.as_str(), since.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            Ok(BackfillProgress {
+                since,
+                until: until.parse().unwrap_or(since),
+                done_until: done.parse().unwrap_or(since),
+                finished: finished.is_some(),
+            })
+        })
+    }
+
+    /// Starts a finished backfill lane over, for a backfill asked for again with a new end.
+    pub fn restart_backfill(
+        &self,
+        broker: &str,
+        entity: Entity,
+        since: Timestamp,
+        until: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE backfills SET until = ?4, done_until = since, finished_at = NULL,
+                    started_at = ?5 WHERE broker = ?1 AND entity = ?2 AND since = ?3",
+                params![
+                    broker,
+                    entity.as_str(),
+                    since.to_string(),
+                    until.to_string(),
+                    Timestamp::now().to_string()
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Per (broker, entity) status, for every pair that has state or is configured.
+    pub fn status(&self, configured: &[(String, Entity)]) -> Result<Vec<EntityStatus>, StoreError> {
+        let mut pairs: Vec<(String, Entity)> = configured.to_vec();
+        self.with(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT broker, entity FROM checkpoints UNION SELECT broker, entity FROM runs",
+            )?;
+            let known =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            for row in known {
+                let (broker, entity) = row?;
+                if let Ok(entity) = entity.parse::<Entity>() {
+                    pairs.push((broker, entity));
+                }
+            }
+            Ok(())
+        })?;
+        pairs.sort();
+        pairs.dedup();
+        pairs
+            .into_iter()
+            .map(|(broker, entity)| self.entity_status(broker, entity))
+            .collect()
+    }
+
+    fn entity_status(&self, broker: String, entity: Entity) -> Result<EntityStatus, StoreError> {
+        let cursor = self.cursor(&broker, entity)?;
+        self.with(|conn| {
+            let b = broker.as_str();
+            let e = entity.as_str();
+            let ts = |t: Option<String>| t.and_then(|t| t.parse::<Timestamp>().ok());
+            let last_success: Option<String> = conn.query_row(
+                "SELECT max(finished_at) FROM runs WHERE broker = ?1 AND entity = ?2 AND outcome = 'success'",
+                params![b, e],
+                |r| r.get(0),
+            )?;
+            let last_error: Option<(String, String)> = conn
+                .query_row(
+                    "SELECT finished_at, error FROM runs
+                     WHERE broker = ?1 AND entity = ?2 AND outcome = 'failed'
+                       AND id > coalesce((SELECT max(id) FROM runs
+                           WHERE broker = ?1 AND entity = ?2 AND outcome = 'success'), 0)
+                     ORDER BY id DESC LIMIT 1",
+                    params![b, e],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let count = |sql: &str| -> rusqlite::Result<u64> {
+                conn.query_row(sql, params![b, e], |r| r.get::<_, i64>(0))
+                    .map(|n| n as u64)
+            };
+            let stored = count(&format!(
+                "SELECT count(*) FROM {} WHERE broker = ?1 AND ?2 = ?2",
+                e
+            ))?;
+            Ok(EntityStatus {
+                cursor,
+                last_success: ts(last_success),
+                last_error: last_error.and_then(|(at, err)| Some((at.parse().ok()?, err))),
+                stored,
+                quarantined: count("SELECT count(*) FROM quarantine WHERE broker = ?1 AND entity = ?2")?,
+                held: count("SELECT count(*) FROM held WHERE broker = ?1 AND entity = ?2")?,
+                broker,
+                entity,
+            })
+        })
+    }
+
+    /// The quarantined records of `broker` (all brokers when `None`).
+    pub fn quarantine(&self, broker: Option<&str>) -> Result<Vec<Quarantined>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT entity, record_key, raw, reasons FROM quarantine
+                 WHERE ?1 IS NULL OR broker = ?1 ORDER BY broker, entity, record_key",
+            )?;
+            let rows = stmt.query_map(params![broker], |r| {
+                let reasons: String = r.get(3)?;
+                Ok(Quarantined {
+                    entity: r.get(0)?,
+                    key: r.get(1)?,
+                    raw: r.get(2)?,
+                    reasons: serde_json::from_str(&reasons).unwrap_or_else(|_| vec![reasons]),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+}
+
+fn quarantine(
+    tx: &Transaction,
+    batch: &PageBatch,
+    reject: &crate::sink::Reject,
+    now: &str,
+) -> rusqlite::Result<()> {
+    let reasons = serde_json::to_string(&reject.reasons).unwrap_or_default();
+    tx.prepare_cached(
+        "INSERT INTO quarantine (broker, entity, record_key, raw, reasons, first_seen, last_seen, times_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 1)
+         ON CONFLICT (broker, entity, record_key) DO UPDATE SET
+            raw = excluded.raw, reasons = excluded.reasons, last_seen = excluded.last_seen,
+            times_seen = quarantine.times_seen + 1",
+    )?
+    .execute(params![
+        batch.broker,
+        batch.entity.as_str(),
+        reject.key,
+        reject.raw,
+        reasons,
+        now
+    ])?;
+    Ok(())
+}
+
+/// Removes `key` from quarantine: the broker has re-sent it valid. Returns rows removed.
+fn unquarantine(
+    tx: &Transaction,
+    broker: &str,
+    entity: Entity,
+    key: &str,
+) -> rusqlite::Result<u64> {
+    let n = tx
+        .prepare_cached(
+            "DELETE FROM quarantine WHERE broker = ?1 AND entity = ?2 AND record_key = ?3",
+        )?
+        .execute(params![broker, entity.as_str(), key])?;
+    Ok(n as u64)
+}
+
+fn hold(
+    tx: &Transaction,
+    broker: &str,
+    record: &Record,
+    normalised: &serde_json::Value,
+    now: &str,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO held (broker, entity, record_key, customer_id, record, first_seen, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+         ON CONFLICT (broker, entity, record_key) DO UPDATE SET
+            customer_id = excluded.customer_id, record = excluded.record,
+            last_seen = excluded.last_seen",
+    )?
+    .execute(params![
+        broker,
+        record.entity().as_str(),
+        record.key(),
+        record.parent_customer().unwrap_or_default(),
+        normalised.to_string(),
+        now
+    ])?;
+    Ok(())
+}
+
+fn unhold(tx: &Transaction, broker: &str, entity: Entity, key: &str) -> rusqlite::Result<()> {
+    tx.prepare_cached("DELETE FROM held WHERE broker = ?1 AND entity = ?2 AND record_key = ?3")?
+        .execute(params![broker, entity.as_str(), key])?;
+    Ok(())
+}
+
+/// Stores the records held for `customer_id`, now that the customer exists. Returns how many.
+fn release_held(tx: &Transaction, broker: &str, customer_id: &str) -> rusqlite::Result<u64> {
+    let held: Vec<(String, String)> = tx
+        .prepare_cached("SELECT entity, record FROM held WHERE broker = ?1 AND customer_id = ?2")?
+        .query_map(params![broker, customer_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut released = 0;
+    for (entity, text) in held {
+        // Held records were valid when held; re-validating is cheap and keeps one code path.
+        let record = entity
+            .parse::<Entity>()
+            .ok()
+            .zip(serde_json::from_str(&text).ok())
+            .and_then(|(e, v)| validate::validate(e, &v).ok());
+        if let Some(record) = record {
+            sqlite::upsert(tx, broker, &record)?;
+            unhold(tx, broker, record.entity(), &record.key())?;
+            released += 1;
+        }
+    }
+    Ok(released)
+}
+
+fn save_progress(tx: &Transaction, batch: &PageBatch, now: &str) -> rusqlite::Result<()> {
+    match &batch.progress {
+        Progress::None => {}
+        // The live cursor never moves backwards, whatever the clock did.
+        Progress::Cursor(cursor) => {
+            tx.prepare_cached(
+                "INSERT INTO checkpoints (broker, entity, cursor, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (broker, entity) DO UPDATE SET cursor = excluded.cursor,
+                    updated_at = excluded.updated_at
+                 WHERE julianday(excluded.cursor) > julianday(checkpoints.cursor)",
+            )?
+            .execute(params![batch.broker, batch.entity.as_str(), cursor.to_string(), now])?;
+        }
+        Progress::Backfill { since, done_until } => {
+            tx.prepare_cached(
+                "UPDATE backfills SET done_until = ?4,
+                    finished_at = CASE WHEN julianday(?4) >= julianday(until) THEN ?5 END
+                 WHERE broker = ?1 AND entity = ?2 AND since = ?3",
+            )?
+            .execute(params![
+                batch.broker,
+                batch.entity.as_str(),
+                since.to_string(),
+                done_until.to_string(),
+                now
+            ])?;
+        }
+    }
+    Ok(())
+}
