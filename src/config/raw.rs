@@ -69,7 +69,7 @@ pub struct RawRest {
     pub paths: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAuth {
     /// `none` or `bearer`.
@@ -83,6 +83,16 @@ pub struct RawAuth {
 
 fn auth_none() -> String {
     "none".into()
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        RawAuth {
+            kind: auth_none(),
+            token_env: None,
+            token_file: None,
+        }
+    }
 }
 
 /// Names of the query parameters the broker's API takes.

@@ -51,6 +51,8 @@ struct Shared {
     delay: Mutex<Duration>,
     requests: [AtomicU64; 3],
     hooks: Mutex<Vec<(Entity, u64, Hook)>>,
+    /// Per entity: how many of the next requests fail, and with which status.
+    failures: Mutex<[(u32, u16); 3]>,
 }
 
 /// A running sample broker. Dropping it does not stop the server; the runtime does.
@@ -77,6 +79,7 @@ impl SampleBroker {
             delay: Mutex::new(Duration::ZERO),
             requests: Default::default(),
             hooks: Mutex::new(Vec::new()),
+            failures: Mutex::new([(0, 200); 3]),
         });
         let app = Router::new()
             .route("/api/v1/forex/{entity}", get(list))
@@ -123,6 +126,11 @@ impl SampleBroker {
         *lock(&self.shared.delay) = delay;
     }
 
+    /// Answers the next `count` requests for `entity` with HTTP `status` (a broker outage).
+    pub fn fail_next(&self, entity: Entity, count: u32, status: u16) {
+        lock(&self.shared.failures)[entity as usize] = (count, status);
+    }
+
     pub fn set_paging(&self, paging: Paging) {
         *lock(&self.shared.paging) = paging;
     }
@@ -146,6 +154,9 @@ async fn list(
         if headers.get("authorization").and_then(|h| h.to_str().ok()) != Some(expected.as_str()) {
             return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         }
+    }
+    if let Some(status) = take_failure(&shared, entity) {
+        return error(status, "injected failure");
     }
     let delay = *lock(&shared.delay);
     if !delay.is_zero() {
@@ -212,6 +223,16 @@ fn answer(
         "data": rows.into_iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
         "meta": {"total": total, "page": page, "per_page": per_page, "next_cursor": next_cursor},
     }))
+}
+
+fn take_failure(shared: &Shared, entity: Entity) -> Option<StatusCode> {
+    let mut failures = lock(&shared.failures);
+    let (count, status) = &mut failures[entity as usize];
+    if *count == 0 {
+        return None;
+    }
+    *count -= 1;
+    StatusCode::from_u16(*status).ok()
 }
 
 fn run_hooks(shared: &Shared, entity: Entity, served: u64) {

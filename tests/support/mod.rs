@@ -1,0 +1,369 @@
+//! Shared fixtures: a sample broker on loopback, a connector folder and state in a temporary
+//! directory, and the comparison of the store with the broker's truth.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+use t360_connector::cli::{BackfillArgs, SyncArgs};
+use t360_connector::commands;
+use t360_connector::model::Entity;
+pub use t360_connector::sample_broker::{Dataset, DatasetSpec, Paging, SampleBroker, natural_key};
+
+/// A row as text: column → value (NULL is `None`).
+pub type Row = BTreeMap<String, Option<String>>;
+
+/// How the test's connector file is written.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    pub per_page: u32,
+    pub lookback: &'static str,
+    pub settle: &'static str,
+    pub activity_repull_days: i64,
+    pub backfill_slice: &'static str,
+    /// Extra TOML appended to the `[rest]` table's end (e.g. an auth table).
+    pub rest_extra: String,
+}
+
+impl Default for Connector {
+    fn default() -> Self {
+        Connector {
+            per_page: 100,
+            lookback: "1h",
+            settle: "0s",
+            activity_repull_days: 0,
+            backfill_slice: "1d",
+            rest_extra: String::new(),
+        }
+    }
+}
+
+pub const BROKER: &str = "acme";
+
+/// One test's world: the sample broker, a config file and a state folder.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub broker: SampleBroker,
+    pub config: PathBuf,
+}
+
+impl Env {
+    pub async fn start(data: Dataset, paging: Paging, connector: Connector) -> Env {
+        Self::start_with_token(data, paging, connector, None).await
+    }
+
+    pub async fn start_with_token(
+        data: Dataset,
+        paging: Paging,
+        connector: Connector,
+        token: Option<String>,
+    ) -> Env {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let broker = SampleBroker::start(addr, data, paging, token)
+            .await
+            .expect("sample broker");
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("connectors")).unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            "state_dir = \"state\"\nconnectors_dir = \"connectors\"\n",
+        )
+        .unwrap();
+        let env = Env {
+            dir,
+            broker,
+            config,
+        };
+        env.write_connector(&connector);
+        env
+    }
+
+    pub fn write_connector(&self, c: &Connector) {
+        let text = format!(
+            r#"broker = "{BROKER}"
+kind = "rest"
+preset = "track360-standard"
+
+[rest]
+base_url = "{url}"
+allow_http = true
+per_page = {per_page}
+timeout = "10s"
+{rest_extra}
+
+[sync]
+lookback = "{lookback}"
+settle = "{settle}"
+activity_repull_days = {repull}
+backfill_slice = "{slice}"
+"#,
+            url = self.broker.base_url(),
+            per_page = c.per_page,
+            rest_extra = c.rest_extra,
+            lookback = c.lookback,
+            settle = c.settle,
+            repull = c.activity_repull_days,
+            slice = c.backfill_slice,
+        );
+        std::fs::write(self.connector_file(), text).unwrap();
+    }
+
+    pub fn connector_file(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("connectors")
+            .join(format!("{BROKER}.toml"))
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.dir.path().join("state").join("t360-connector.db")
+    }
+
+    /// One delta sync of every entity, in process.
+    pub async fn sync(&self) -> anyhow::Result<()> {
+        let args = SyncArgs {
+            broker: None,
+            entity: None,
+        };
+        commands::sync(Some(&self.config), &args).await
+    }
+
+    pub async fn sync_entity(&self, entity: Entity) -> anyhow::Result<()> {
+        let args = SyncArgs {
+            broker: Some(BROKER.into()),
+            entity: Some(entity),
+        };
+        commands::sync(Some(&self.config), &args).await
+    }
+
+    pub async fn backfill(&self, since: &str, until: Option<&str>) -> anyhow::Result<()> {
+        let args = BackfillArgs {
+            broker: BROKER.into(),
+            entity: None,
+            since: since.into(),
+            until: until.map(Into::into),
+        };
+        commands::backfill(Some(&self.config), &args).await
+    }
+
+    /// The real binary, with this env's config.
+    pub fn binary(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_t360-connector"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "warn");
+        cmd
+    }
+
+    fn open(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.database()).expect("state database")
+    }
+
+    /// Every stored row of `entity`, by natural key, without the `broker` column.
+    pub fn rows(&self, entity: Entity) -> BTreeMap<String, Row> {
+        let conn = self.open();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT * FROM {} WHERE broker = ?1",
+                entity.as_str()
+            ))
+            .unwrap();
+        let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+        let rows = stmt
+            .query_map([BROKER], |r| {
+                let mut row = Row::new();
+                for (i, column) in columns.iter().enumerate() {
+                    if column != "broker" {
+                        row.insert(column.clone(), r.get::<_, Option<String>>(i)?);
+                    }
+                }
+                Ok(row)
+            })
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        rows.into_iter()
+            .map(|row| (key_of_row(entity, &row), row))
+            .collect()
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.open().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    pub fn cursor(&self, entity: Entity) -> Option<String> {
+        self.open()
+            .query_row(
+                "SELECT cursor FROM checkpoints WHERE broker = ?1 AND entity = ?2",
+                [BROKER, entity.as_str()],
+                |r| r.get(0),
+            )
+            .ok()
+    }
+
+    /// Quarantined keys of `entity` with their reasons.
+    pub fn quarantined(&self, entity: Entity) -> BTreeMap<String, Vec<String>> {
+        let conn = self.open();
+        let mut stmt = conn
+            .prepare("SELECT record_key, reasons FROM quarantine WHERE broker = ?1 AND entity = ?2")
+            .unwrap();
+        stmt.query_map([BROKER, entity.as_str()], |r| {
+            let reasons: String = r.get(1)?;
+            Ok((r.get(0)?, serde_json::from_str(&reasons).unwrap()))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
+    pub fn held(&self, entity: Entity) -> Vec<String> {
+        let conn = self.open();
+        let mut stmt = conn
+            .prepare("SELECT record_key FROM held WHERE broker = ?1 AND entity = ?2 ORDER BY 1")
+            .unwrap();
+        stmt.query_map([BROKER, entity.as_str()], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// What the store must hold for `entity`: the broker's valid records whose customer is
+    /// valid too, as text.
+    pub fn truth(&self, entity: Entity) -> BTreeMap<String, Row> {
+        self.broker.with_data(|data| truth(data, entity))
+    }
+
+    /// The store holds exactly the broker's valid records, field for field.
+    pub fn assert_store_equals_broker(&self) {
+        for entity in Entity::ALL {
+            let rows = self.rows(entity);
+            let truth = self.truth(entity);
+            assert_same(entity, &rows, &truth);
+        }
+    }
+}
+
+/// Compares two keyed row sets and names the first differences.
+pub fn assert_same(entity: Entity, got: &BTreeMap<String, Row>, want: &BTreeMap<String, Row>) {
+    let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    let differ: Vec<(&String, &Row, &Row)> = want
+        .iter()
+        .filter_map(|(k, w)| got.get(k).filter(|g| *g != w).map(|g| (k, g, w)))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty() && differ.is_empty(),
+        "{entity}: {} missing (e.g. {:?}), {} unexpected (e.g. {:?}), {} different (e.g. {:?})",
+        missing.len(),
+        missing.iter().take(3).collect::<Vec<_>>(),
+        extra.len(),
+        extra.iter().take(3).collect::<Vec<_>>(),
+        differ.len(),
+        differ.first()
+    );
+}
+
+/// The broker's valid records of `entity` as rows (orphans of invalid customers left out).
+pub fn truth(data: &Dataset, entity: Entity) -> BTreeMap<String, Row> {
+    let invalid = &data.invalid[entity as usize];
+    let valid_customers: std::collections::HashSet<String> = data
+        .table(Entity::Customers)
+        .records()
+        .map(|r| natural_key(Entity::Customers, r))
+        .filter(|k| !data.invalid[0].contains(k))
+        .collect();
+    data.table(entity)
+        .records()
+        .filter(|r| !invalid.contains(&natural_key(entity, r)))
+        .filter(|r| match entity {
+            Entity::Customers => true,
+            _ => r
+                .get("customer_id")
+                .and_then(Value::as_str)
+                .is_some_and(|c| valid_customers.contains(c)),
+        })
+        .map(|r| (natural_key(entity, r), row_of(entity, r)))
+        .collect()
+}
+
+/// A broker record as the store's row must read: each column's text, NULL when absent.
+pub fn row_of(entity: Entity, record: &Value) -> Row {
+    columns(entity)
+        .iter()
+        .map(|c| {
+            let text = match record.get(*c) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(other) => Some(other.to_string()),
+            };
+            (c.to_string(), text)
+        })
+        .collect()
+}
+
+pub fn columns(entity: Entity) -> &'static [&'static str] {
+    match entity {
+        Entity::Customers => &[
+            "customer_id",
+            "signup_date",
+            "last_modified_date",
+            "affiliate_id",
+            "campaign_id",
+            "click_id",
+            "lang_id",
+            "country_code",
+            "kyc_status_id",
+            "sales_status_id",
+            "trading_account_type",
+            "leverage",
+            "first_name",
+            "last_name",
+            "email",
+        ],
+        Entity::Transactions => &[
+            "transaction_id",
+            "customer_id",
+            "transaction_type",
+            "amount",
+            "currency",
+            "transaction_date",
+            "status",
+            "last_modified_date",
+        ],
+        Entity::TradingActivity => &[
+            "date",
+            "customer_id",
+            "instrument",
+            "lots_traded",
+            "volume_usd",
+            "spread_cost",
+            "commission",
+            "pnl",
+            "currency",
+            "last_modified_date",
+        ],
+    }
+}
+
+fn key_of_row(entity: Entity, row: &Row) -> String {
+    entity
+        .key_fields()
+        .iter()
+        .map(|f| row.get(*f).cloned().flatten().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// A small data set: `customers` customers, twice as many transactions and activity rows.
+pub fn dataset(customers: usize) -> Dataset {
+    Dataset::generate(&DatasetSpec {
+        customers,
+        transactions: customers * 2,
+        activity: customers * 2,
+        ..DatasetSpec::default()
+    })
+}

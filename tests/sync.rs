@@ -1,0 +1,406 @@
+//! The delta-sync guarantees (SPEC §4–§5), each against the sample broker over loopback HTTP
+//! and a real SQLite file.
+
+mod support;
+
+use jiff::{SignedDuration, Timestamp};
+use serde_json::json;
+use support::*;
+use t360_connector::model::Entity;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_stores_exactly_the_brokers_records() {
+    let env = Env::start(dataset(300), Paging::Cursor, Connector::default()).await;
+    env.sync().await.expect("sync");
+    env.assert_store_equals_broker();
+    // Every entity's cursor sits at the window's end.
+    for entity in Entity::ALL {
+        assert!(env.cursor(entity).is_some(), "{entity} has no cursor");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_numbers_without_a_cursor_reach_every_page() {
+    let env = Env::start(dataset(300), Paging::PageNumber, Connector::default()).await;
+    env.sync().await.expect("sync");
+    env.assert_store_equals_broker();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ties_across_page_boundaries_lose_nothing() {
+    // 1,234 customers on one last_modified_date, paged 100 at a time: ties span 13 pages.
+    let data = Dataset::generate(&DatasetSpec {
+        customers: 1234,
+        transactions: 0,
+        activity: 0,
+        tie_group: 10_000,
+        ..DatasetSpec::default()
+    });
+    for paging in [Paging::Cursor, Paging::PageNumber] {
+        let env = Env::start(data.clone(), paging, Connector::default()).await;
+        env.sync().await.expect("sync");
+        assert_eq!(env.rows(Entity::Customers).len(), 1234, "{paging:?}");
+        env.assert_store_equals_broker();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_tied_at_the_cursor_that_arrive_later_are_read() {
+    // No lookback at all: only the inclusive lower bound catches a record stamped exactly at
+    // the cursor that becomes visible after the sync (estuary #5205, airbyte #44402).
+    let connector = Connector {
+        lookback: "0s",
+        ..Connector::default()
+    };
+    let env = Env::start(dataset(50), Paging::Cursor, connector).await;
+    env.sync_entity(Entity::Customers)
+        .await
+        .expect("first sync");
+    let cursor = env.cursor(Entity::Customers).expect("cursor");
+    env.broker.with_data(|d| {
+        d.put(
+            Entity::Customers,
+            json!({"customer_id": "LATE-TIE", "signup_date": "2026-01-01T00:00:00Z",
+                   "affiliate_id": "IB1", "last_modified_date": cursor}),
+        )
+    });
+    env.sync_entity(Entity::Customers)
+        .await
+        .expect("second sync");
+    assert!(env.rows(Entity::Customers).contains_key("LATE-TIE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_modified_while_paging_by_page_number_are_not_lost() {
+    // The broker modifies a record on page 1 while page 4 is being fetched: it leaves the window
+    // (its new last_modified_date is past the window's end) and every later record moves one
+    // place back, so page-number paging would skip the record on each page boundary.
+    let env = Env::start(dataset(500), Paging::PageNumber, Connector::default()).await;
+    let first_on_page_one = env.broker.with_data(|d| {
+        natural_key(
+            Entity::Customers,
+            d.table(Entity::Customers).records().next().unwrap(),
+        )
+    });
+    let moved = first_on_page_one.clone();
+    env.broker.after_request(Entity::Customers, 3, move |d| {
+        assert!(d.modify(
+            Entity::Customers,
+            &moved,
+            json!({"kyc_status_id": "approved-late"}),
+            Timestamp::now()
+        ));
+    });
+    env.sync_entity(Entity::Customers).await.expect("sync");
+
+    // Everything whose latest state is inside the synced window is stored as the broker has it.
+    let cursor: Timestamp = env.cursor(Entity::Customers).unwrap().parse().unwrap();
+    let mut truth = env.truth(Entity::Customers);
+    truth.retain(|_, row| {
+        row["last_modified_date"]
+            .as_deref()
+            .unwrap()
+            .parse::<Timestamp>()
+            .unwrap()
+            <= cursor
+    });
+    let mut rows = env.rows(Entity::Customers);
+    rows.remove(&first_on_page_one); // its old state may be stored; its new one is the next window's
+    assert_same(Entity::Customers, &rows, &truth);
+
+    // The next sync picks up the modified record's new state.
+    env.sync_entity(Entity::Customers)
+        .await
+        .expect("second sync");
+    assert_eq!(
+        env.rows(Entity::Customers)[&first_on_page_one]["kyc_status_id"].as_deref(),
+        Some("approved-late")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_modified_while_paging_by_cursor_are_not_lost() {
+    let env = Env::start(dataset(500), Paging::Cursor, Connector::default()).await;
+    let keys: Vec<String> = env.broker.with_data(|d| {
+        d.table(Entity::Customers)
+            .records()
+            .take(3)
+            .map(|r| natural_key(Entity::Customers, r))
+            .collect()
+    });
+    env.broker.after_request(Entity::Customers, 2, move |d| {
+        for key in &keys {
+            d.modify(
+                Entity::Customers,
+                key,
+                json!({"leverage": "1:30"}),
+                Timestamp::now(),
+            );
+        }
+    });
+    env.sync_entity(Entity::Customers).await.expect("sync");
+    env.sync_entity(Entity::Customers)
+        .await
+        .expect("second sync");
+    assert_same(
+        Entity::Customers,
+        &env.rows(Entity::Customers),
+        &env.truth(Entity::Customers),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_records_inside_the_lookback_are_caught_and_older_ones_by_backfill() {
+    let env = Env::start(dataset(100), Paging::Cursor, Connector::default()).await;
+    env.sync().await.expect("first sync");
+    let cursor: Timestamp = env.cursor(Entity::Transactions).unwrap().parse().unwrap();
+    let customer = env.rows(Entity::Customers).into_keys().next().unwrap();
+    let late = |id: &str, modified: Timestamp| {
+        json!({"transaction_id": id, "customer_id": customer, "transaction_type": "deposit",
+               "amount": "250.00", "currency": "EUR", "transaction_date": "2026-02-01T10:00:00Z",
+               "status": "approved", "last_modified_date": modified.to_string()})
+    };
+    // Replica lag: a record stamped 20 minutes before the cursor shows up after the sync.
+    let within = late("LATE-20M", cursor - SignedDuration::from_mins(20));
+    // One stamped 3 hours before it: outside the 1 h lookback, for a backfill to repair.
+    let beyond = late("LATE-3H", cursor - SignedDuration::from_hours(3));
+    env.broker.with_data(|d| {
+        d.put(Entity::Transactions, within);
+        d.put(Entity::Transactions, beyond);
+    });
+    env.sync().await.expect("second sync");
+    let rows = env.rows(Entity::Transactions);
+    assert!(
+        rows.contains_key("LATE-20M"),
+        "late record inside the lookback was lost"
+    );
+    assert!(
+        !rows.contains_key("LATE-3H"),
+        "the lookback is 1 h; this record is older"
+    );
+
+    let since = (cursor - SignedDuration::from_hours(4)).to_string();
+    env.backfill(&since, None).await.expect("backfill");
+    env.assert_store_equals_broker();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_pulling_creates_no_duplicates() {
+    let connector = Connector {
+        lookback: "10000d",
+        ..Connector::default()
+    };
+    let env = Env::start(dataset(200), Paging::Cursor, connector).await;
+    env.sync().await.expect("sync");
+    env.sync().await.expect("sync again, over the same window");
+    env.backfill("2025-01-01", None)
+        .await
+        .expect("backfill over everything");
+    env.assert_store_equals_broker();
+    assert_eq!(env.count("SELECT count(*) FROM customers"), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_records_are_quarantined_with_every_reason_and_leave_when_fixed() {
+    let data = Dataset::generate(&DatasetSpec {
+        customers: 100,
+        transactions: 200,
+        activity: 200,
+        invalid_every: 10,
+        ..DatasetSpec::default()
+    });
+    let env = Env::start(data, Paging::Cursor, Connector::default()).await;
+    env.sync().await.expect("sync");
+    env.assert_store_equals_broker();
+
+    let invalid = env.broker.with_data(|d| d.invalid.clone());
+    for entity in Entity::ALL {
+        let quarantined = env.quarantined(entity);
+        let expected: std::collections::BTreeSet<&String> =
+            invalid[entity as usize].iter().collect();
+        assert_eq!(
+            quarantined
+                .keys()
+                .collect::<std::collections::BTreeSet<_>>(),
+            expected,
+            "{entity}"
+        );
+    }
+    // Both of a bad transaction's faults are named, not only the first.
+    let (_, reasons) = env
+        .quarantined(Entity::Transactions)
+        .into_iter()
+        .next()
+        .unwrap();
+    assert!(
+        reasons.iter().any(|r| r.starts_with("currency")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.starts_with("transaction_type")),
+        "{reasons:?}"
+    );
+
+    // The broker fixes a customer: it leaves quarantine and is stored.
+    let fixed = invalid[0][0].clone();
+    env.broker.with_data(|d| {
+        d.modify(
+            Entity::Customers,
+            &fixed,
+            json!({"country_code": "CY", "affiliate_id": "IB9"}),
+            Timestamp::now() - SignedDuration::from_secs(1),
+        );
+        d.invalid[0].retain(|k| *k != fixed);
+    });
+    env.sync().await.expect("sync after the fix");
+    assert!(!env.quarantined(Entity::Customers).contains_key(&fixed));
+    env.assert_store_equals_broker();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_held_until_their_customer_arrives() {
+    let env = Env::start(dataset(20), Paging::Cursor, Connector::default()).await;
+    env.sync().await.expect("sync");
+    let now = Timestamp::now() - SignedDuration::from_secs(2);
+    env.broker.with_data(|d| {
+        d.put(
+            Entity::Transactions,
+            json!({"transaction_id": "ORPHAN-1", "customer_id": "NEWCOMER", "transaction_type": "deposit",
+                   "amount": "100.00", "currency": "USD", "transaction_date": "2026-03-01T09:00:00Z",
+                   "status": "approved", "last_modified_date": now.to_string()}),
+        );
+        d.put(
+            Entity::TradingActivity,
+            json!({"date": "2026-03-01", "customer_id": "NEWCOMER", "instrument": "EURUSD",
+                   "lots_traded": "1.50", "currency": "USD", "last_modified_date": now.to_string()}),
+        );
+    });
+    // Transactions and activity only: the customer is not there yet.
+    env.sync_entity(Entity::Transactions).await.unwrap();
+    env.sync_entity(Entity::TradingActivity).await.unwrap();
+    assert_eq!(env.held(Entity::Transactions), vec!["ORPHAN-1"]);
+    assert_eq!(env.held(Entity::TradingActivity).len(), 1);
+    assert!(!env.rows(Entity::Transactions).contains_key("ORPHAN-1"));
+
+    // The customer arrives: what was held is released into the store, nothing stays held.
+    env.broker.with_data(|d| {
+        d.put(
+            Entity::Customers,
+            json!({"customer_id": "NEWCOMER", "signup_date": "2026-03-01T08:00:00Z",
+                   "affiliate_id": "IB1", "last_modified_date": now.to_string()}),
+        )
+    });
+    env.sync_entity(Entity::Customers).await.unwrap();
+    assert!(env.held(Entity::Transactions).is_empty());
+    assert!(env.held(Entity::TradingActivity).is_empty());
+    env.assert_store_equals_broker();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trading_activity_re_pulls_its_last_days() {
+    // A broker recomputes yesterday's row without a fresh last_modified_date (older than the
+    // lookback): only the re-pull of the last days picks the new numbers up.
+    let connector = Connector {
+        lookback: "0s",
+        activity_repull_days: 3,
+        ..Connector::default()
+    };
+    let env = Env::start(dataset(20), Paging::Cursor, connector).await;
+    env.sync().await.expect("sync");
+    let customer = env.rows(Entity::Customers).into_keys().next().unwrap();
+    let yesterday = Timestamp::now() - SignedDuration::from_hours(30);
+    env.broker.with_data(|d| {
+        d.put(
+            Entity::TradingActivity,
+            json!({"date": "2026-11-24", "customer_id": customer, "instrument": "XAUUSD",
+                   "lots_traded": "3.25", "commission": "12.50", "currency": "USD",
+                   "last_modified_date": yesterday.to_string()}),
+        )
+    });
+    env.sync().await.expect("second sync");
+    env.assert_store_equals_broker();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_keeps_what_it_received_and_does_not_move_the_cursor() {
+    let env = Env::start(dataset(300), Paging::Cursor, Connector::default()).await;
+    // Page 1 answers; then the broker is down for longer than the retries last.
+    let broker = env.broker.clone();
+    env.broker.after_request(Entity::Customers, 1, move |_| {
+        broker.fail_next(Entity::Customers, 50, 503)
+    });
+    let error = env
+        .sync_entity(Entity::Customers)
+        .await
+        .expect_err("sync must fail");
+    assert!(error.to_string().contains("503"), "{error}");
+    assert_eq!(
+        env.cursor(Entity::Customers),
+        None,
+        "cursor moved over a failed window"
+    );
+    assert_eq!(
+        env.rows(Entity::Customers).len(),
+        100,
+        "the page received was not kept"
+    );
+
+    env.broker.fail_next(Entity::Customers, 0, 200);
+    env.sync_entity(Entity::Customers)
+        .await
+        .expect("sync after the outage");
+    assert_same(
+        Entity::Customers,
+        &env.rows(Entity::Customers),
+        &env.truth(Entity::Customers),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_never_moves_the_live_cursor_backwards() {
+    let env = Env::start(dataset(100), Paging::Cursor, Connector::default()).await;
+    env.sync().await.expect("sync");
+    let before = env.cursor(Entity::Customers).unwrap();
+    env.backfill("2025-12-01", Some("2026-01-01T01:00:00Z"))
+        .await
+        .expect("backfill");
+    assert_eq!(env.cursor(Entity::Customers).unwrap(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_come_from_the_environment_and_a_wrong_one_fails_cleanly() {
+    let connector = Connector {
+        rest_extra: "[rest.auth]\ntype = \"bearer\"\ntoken_env = \"T360_TEST_ACME_TOKEN\"\n".into(),
+        ..Connector::default()
+    };
+    // SAFETY: the variable is only read by this test's connector.
+    unsafe { std::env::set_var("T360_TEST_ACME_TOKEN", "s3cret-token") };
+    let env = Env::start_with_token(
+        dataset(30),
+        Paging::Cursor,
+        connector.clone(),
+        Some("s3cret-token".into()),
+    )
+    .await;
+    env.sync().await.expect("sync with the right token");
+    env.assert_store_equals_broker();
+
+    let wrong = Env::start_with_token(
+        dataset(30),
+        Paging::Cursor,
+        connector,
+        Some("another".into()),
+    )
+    .await;
+    let error = wrong
+        .sync()
+        .await
+        .expect_err("a wrong token must fail")
+        .to_string();
+    assert!(error.contains("401"), "{error}");
+    assert!(
+        !error.contains("s3cret-token"),
+        "the token leaked into a message: {error}"
+    );
+    assert_eq!(wrong.cursor(Entity::Customers), None);
+}
