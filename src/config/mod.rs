@@ -206,12 +206,18 @@ pub fn load_connector(file: &Path, settings: &Settings) -> Result<ConnectorPlan,
 }
 
 /// toml's messages draw the offending line with a caret over several lines; a log line or a
-/// `check` report wants one line, with the position kept.
+/// `check` report wants one line: the position and the message, without the drawing.
 fn one_line(message: &str) -> String {
+    let is_drawing = |l: &str| {
+        let rest = l
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start();
+        rest.starts_with('|')
+    };
     message
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '|' || c == '^' || c == ' '))
+        .filter(|l| !l.is_empty() && !is_drawing(l))
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(": ")
 }
