@@ -78,8 +78,12 @@ impl Runner<'_> {
             let days = SignedDuration::from_hours(24 * sync.activity_repull_days);
             from = from.min(now - days);
         }
+        // Whole seconds: some brokers' parsers choke on nanoseconds, and flooring only widens
+        // the next window (its lower bound is inclusive), so nothing falls between windows.
+        let floor = |t: Timestamp| Timestamp::from_second(t.as_second()).unwrap_or(t);
+        let to = floor(to);
         Ok(Window {
-            from: from.min(to),
+            from: floor(from.min(to)),
             to,
         })
     }

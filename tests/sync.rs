@@ -64,6 +64,7 @@ async fn records_tied_at_the_cursor_that_arrive_later_are_read() {
                    "affiliate_id": "IB1", "last_modified_date": cursor}),
         )
     });
+    next_second().await;
     env.sync_entity(Entity::Customers)
         .await
         .expect("second sync");
@@ -109,6 +110,7 @@ async fn records_modified_while_paging_by_page_number_are_not_lost() {
     assert_same(Entity::Customers, &rows, &truth);
 
     // The next sync picks up the modified record's new state.
+    next_second().await;
     env.sync_entity(Entity::Customers)
         .await
         .expect("second sync");
@@ -116,6 +118,84 @@ async fn records_modified_while_paging_by_page_number_are_not_lost() {
         env.rows(Entity::Customers)[&first_on_page_one]["kyc_status_id"].as_deref(),
         Some("approved-late")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_churn_while_paging_by_page_number_loses_nothing() {
+    // After each of the first eight pages, more records leave the window — at one point more
+    // than a whole page of them — from positions behind and ahead of the pager.
+    let env = Env::start(dataset(1500), Paging::PageNumber, Connector::default()).await;
+    for (request, count) in [
+        (1, 3),
+        (2, 1),
+        (3, 130),
+        (4, 7),
+        (5, 2),
+        (6, 40),
+        (7, 1),
+        (8, 9),
+    ] {
+        env.broker
+            .after_request(Entity::Customers, request, move |d| {
+                let keys: Vec<String> = d
+                    .table(Entity::Customers)
+                    .records()
+                    .skip(request as usize * 37)
+                    .take(count)
+                    .map(|r| natural_key(Entity::Customers, r))
+                    .collect();
+                for key in keys {
+                    d.modify(
+                        Entity::Customers,
+                        &key,
+                        json!({"sales_status_id": "moved"}),
+                        Timestamp::now(),
+                    );
+                }
+            });
+    }
+    env.sync_entity(Entity::Customers).await.expect("sync");
+    let cursor: Timestamp = env.cursor(Entity::Customers).unwrap().parse().unwrap();
+    let rows = env.rows(Entity::Customers);
+    for (key, row) in env.truth(Entity::Customers) {
+        let modified: Timestamp = row["last_modified_date"]
+            .as_deref()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if modified <= cursor {
+            assert_eq!(
+                rows.get(&key),
+                Some(&row),
+                "{key} was skipped while records moved"
+            );
+        }
+    }
+    next_second().await;
+    env.sync_entity(Entity::Customers)
+        .await
+        .expect("second sync");
+    assert_same(
+        Entity::Customers,
+        &env.rows(Entity::Customers),
+        &env.truth(Entity::Customers),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_ignores_the_cursor_parameter_is_paged_by_number() {
+    let env = Env::start(dataset(250), Paging::IgnoredCursor, Connector::default()).await;
+    env.sync().await.expect("sync");
+    env.assert_store_equals_broker();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_serving_smaller_pages_than_asked_is_read_to_the_end() {
+    // per_page = 100 is asked; the broker serves 30 and does not say so in `meta`.
+    let env = Env::start(dataset(250), Paging::PageNumber, Connector::default()).await;
+    env.broker.set_page_cap(Some(30));
+    env.sync().await.expect("sync");
+    env.assert_store_equals_broker();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,6 +219,7 @@ async fn records_modified_while_paging_by_cursor_are_not_lost() {
         }
     });
     env.sync_entity(Entity::Customers).await.expect("sync");
+    next_second().await;
     env.sync_entity(Entity::Customers)
         .await
         .expect("second sync");

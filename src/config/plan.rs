@@ -54,6 +54,7 @@ pub enum SourcePlan {
 pub struct RestPlan {
     pub base_url: Url,
     pub per_page: u32,
+    pub pagination: Pagination,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub auth: AuthPlan,
@@ -69,6 +70,15 @@ impl RestPlan {
         url.set_path(&format!("{base}{}", self.paths[entity as usize]));
         url
     }
+}
+
+/// How the REST source pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pagination {
+    /// Follow `meta.next_cursor` when the broker sends one, page numbers otherwise.
+    Auto,
+    /// Page numbers only, whatever `meta.next_cursor` says.
+    PageNumber,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +239,17 @@ fn rest_plan(raw: &RawRest, problems: &mut Problems) -> Option<RestPlan> {
             None
         }
     };
+    let pagination = match raw.pagination.as_deref() {
+        None | Some("auto") => Some(Pagination::Auto),
+        Some("page_number") => Some(Pagination::PageNumber),
+        Some(other) => {
+            problems.add(
+                "rest.pagination",
+                format!("`{other}` is not one of: auto, page_number"),
+            );
+            None
+        }
+    };
     let timeout = optional_duration(&raw.timeout, "60s", "rest.timeout", problems);
     let connect_timeout = optional_duration(
         &raw.connect_timeout,
@@ -259,6 +280,7 @@ fn rest_plan(raw: &RawRest, problems: &mut Problems) -> Option<RestPlan> {
     Some(RestPlan {
         base_url: base_url?,
         per_page: per_page?,
+        pagination: pagination?,
         timeout: timeout?.unsigned_abs(),
         connect_timeout: connect_timeout?.unsigned_abs(),
         auth: auth?,

@@ -58,6 +58,8 @@ pub struct RawRest {
     #[serde(default)]
     pub allow_http: bool,
     pub per_page: Option<i64>,
+    /// `auto` (follow `next_cursor` when the broker sends one) or `page_number`.
+    pub pagination: Option<String>,
     pub timeout: Option<String>,
     pub connect_timeout: Option<String>,
     #[serde(default)]

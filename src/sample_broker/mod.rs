@@ -39,6 +39,8 @@ pub enum Paging {
     Cursor,
     /// Page numbers only: `next_cursor` is always null.
     PageNumber,
+    /// Sends a `next_cursor` but ignores the cursor parameter: pages by number only.
+    IgnoredCursor,
 }
 
 /// A test's hook, run after the broker served the `after`-th request for `entity`.
@@ -53,6 +55,8 @@ struct Shared {
     hooks: Mutex<Vec<(Entity, u64, Hook)>>,
     /// Per entity: how many of the next requests fail, and with which status.
     failures: Mutex<[(u32, u16); 3]>,
+    /// A page size the broker silently caps `per_page` to, leaving `meta.per_page` out.
+    cap: Mutex<Option<usize>>,
 }
 
 /// A running sample broker. Dropping it does not stop the server; the runtime does.
@@ -80,6 +84,7 @@ impl SampleBroker {
             requests: Default::default(),
             hooks: Mutex::new(Vec::new()),
             failures: Mutex::new([(0, 200); 3]),
+            cap: Mutex::new(None),
         });
         let app = Router::new()
             .route("/api/v1/forex/{entity}", get(list))
@@ -129,6 +134,11 @@ impl SampleBroker {
     /// Answers the next `count` requests for `entity` with HTTP `status` (a broker outage).
     pub fn fail_next(&self, entity: Entity, count: u32, status: u16) {
         lock(&self.shared.failures)[entity as usize] = (count, status);
+    }
+
+    /// Serves at most `cap` records a page whatever `per_page` asks, and no `meta.per_page`.
+    pub fn set_page_cap(&self, cap: Option<usize>) {
+        *lock(&self.shared.cap) = cap;
     }
 
     pub fn set_paging(&self, paging: Paging) {
@@ -191,15 +201,18 @@ fn answer(
             })
             .transpose()
     };
-    let per_page = number("per_page", DEFAULT_PER_PAGE)?.clamp(1, MAX_PER_PAGE);
+    let cap = *lock(&shared.cap);
+    let per_page = number("per_page", DEFAULT_PER_PAGE)?
+        .clamp(1, MAX_PER_PAGE)
+        .min(cap.unwrap_or(MAX_PER_PAGE));
     let page = number("page", 1)?.max(1);
+    let paging = *lock(&shared.paging);
     let from = instant("last_modified_from")?.unwrap_or(Timestamp::MIN);
     let to = instant("last_modified_to")?.unwrap_or(Timestamp::MAX);
     let after = match query.get("cursor") {
-        Some(cursor) => Some(decode_cursor(cursor)?),
-        None => None,
+        Some(cursor) if paging == Paging::Cursor => Some(decode_cursor(cursor)?),
+        _ => None,
     };
-    let paging = *lock(&shared.paging);
     let data = lock(&shared.data);
     let table = data.table(entity);
     let total = table.window(from, to, None).count();
@@ -217,11 +230,17 @@ fn answer(
     rows.truncate(per_page);
     let next_cursor = match (paging, more, rows.last()) {
         (Paging::Cursor, true, Some((position, _))) => Some(encode_cursor(position)),
+        (Paging::IgnoredCursor, true, _) => Some(format!("page-{}", page + 1)),
         _ => None,
     };
+    let mut meta =
+        json!({"total": total, "page": page, "per_page": per_page, "next_cursor": next_cursor});
+    if cap.is_some() {
+        meta.as_object_mut().map(|m| m.remove("per_page"));
+    }
     Ok(json!({
         "data": rows.into_iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
-        "meta": {"total": total, "page": page, "per_page": per_page, "next_cursor": next_cursor},
+        "meta": meta,
     }))
 }
 

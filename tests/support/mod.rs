@@ -358,6 +358,12 @@ fn key_of_row(entity: Entity, row: &Row) -> String {
         .join("|")
 }
 
+/// Waits into the next whole second. A window ends on a whole second, so a change stamped
+/// "now" is read by the first sync that starts after this.
+pub async fn next_second() {
+    tokio::time::sleep(std::time::Duration::from_millis(1_050)).await;
+}
+
 /// A small data set: `customers` customers, twice as many transactions and activity rows.
 pub fn dataset(customers: usize) -> Dataset {
     Dataset::generate(&DatasetSpec {

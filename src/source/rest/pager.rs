@@ -2,13 +2,17 @@
 //!
 //! Two styles, told apart by the broker's first answer:
 //! - **cursor**: the page's `meta.next_cursor` is sent back as the cursor parameter until a
-//!   page has none. A keyset cursor is stable while records change under it.
+//!   page has none. A keyset cursor is stable while records change under it. A broker that
+//!   answers a cursor with the cursor it was sent ignores the parameter: the pager falls back to
+//!   page numbers.
 //! - **page number**: `page=1,2,…` until an empty page, or until `meta.total` is reached.
 //!   Page numbers are offsets, and offsets shift when a record leaves the window while we page
 //!   (it was modified, so its `last_modified_date` moved past the window's end): every later
-//!   record moves one place back, and the one on the page boundary would be skipped
-//!   (DOMAIN §4.4). The pager watches `meta.total`; when it changes mid-window the window is
-//!   paged again from page 1 (upserts make the re-read harmless), a bounded number of times.
+//!   record moves back, and the ones on the page boundary would be skipped (DOMAIN §4.4).
+//!   The pager watches `meta.total`: when it drops by `d`, the `d` skipped records now sit at
+//!   the end of the page before, so the pager steps back over them and reads on (upserts make
+//!   the re-read harmless). A rise means records were added inside the window behind us: late
+//!   arrivals, which the next window's lookback reads.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -16,16 +20,17 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use reqwest::Url;
 use serde_json::Value;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::auth::authorize;
-use crate::config::RestPlan;
+use crate::config::plan::{Pagination, RestPlan};
 use crate::model::Entity;
 use crate::sink::BoxFuture;
 use crate::source::{Page, Pager, SourceError, Window};
 
-/// How many times a window is paged again from the start before the run gives up.
-const MAX_RESTARTS: u32 = 5;
+/// How many times one window may step back before the run gives up on a broker whose data
+/// never holds still.
+const MAX_STEP_BACKS: u32 = 1_000;
 /// How much of an error body goes into a message.
 const ERROR_BODY_CHARS: usize = 300;
 
@@ -47,8 +52,8 @@ pub struct RestPager<'a> {
     cursor: Option<String>,
     seen_cursors: HashSet<String>,
     total: Option<u64>,
-    fetched_in_pass: u64,
-    restarts: u32,
+    page_size: u64,
+    step_backs: u32,
     done: bool,
 }
 
@@ -66,13 +71,16 @@ impl<'a> RestPager<'a> {
             broker,
             entity,
             window,
-            style: Style::Unknown,
+            style: match plan.pagination {
+                Pagination::Auto => Style::Unknown,
+                Pagination::PageNumber => Style::PageNumber,
+            },
             page: 1,
             cursor: None,
             seen_cursors: HashSet::new(),
             total: None,
-            fetched_in_pass: 0,
-            restarts: 0,
+            page_size: 0,
+            step_backs: 0,
             done: false,
         }
     }
@@ -149,66 +157,96 @@ impl<'a> RestPager<'a> {
             };
         }
         match self.style {
-            Style::Cursor => match next_cursor {
-                Some(cursor) if records.is_empty() => {
-                    // A cursor with nothing behind it: trust the emptiness, not the cursor.
-                    debug!(cursor, "Empty page with a next cursor; window done.");
-                    self.done = true;
-                }
-                Some(cursor) => {
-                    if !self.seen_cursors.insert(cursor.to_owned()) {
-                        return Err(SourceError::Unstable {
-                            url: url.to_string(),
-                            message: format!(
-                                "next_cursor `{cursor}` was already followed: the broker's cursor loops"
-                            ),
-                        });
-                    }
-                    self.cursor = Some(cursor.to_owned());
-                }
-                None => self.done = true,
-            },
+            Style::Cursor => self.follow_cursor(url, next_cursor, records.is_empty())?,
             Style::PageNumber | Style::Unknown => {
-                self.fetched_in_pass += records.len() as u64;
-                if let (Some(first), Some(now)) = (self.total, total)
-                    && first != now
-                {
-                    self.restart(url, first, now)?;
-                    return Ok(records);
-                }
-                self.total = self.total.or(total);
-                let reached_total = total.is_some_and(|t| self.fetched_in_pass >= t);
-                if records.is_empty() || reached_total {
-                    self.done = true;
-                } else {
-                    self.page += 1;
-                }
+                let page_size = meta.get("per_page").and_then(Value::as_u64);
+                self.next_page_number(records.len() as u64, page_size, total)?;
             }
         }
         Ok(records)
     }
 
-    /// The window changed under page numbers: page it again from the start.
-    fn restart(&mut self, url: &Url, was: u64, now: u64) -> Result<(), SourceError> {
-        self.restarts += 1;
-        if self.restarts > MAX_RESTARTS {
+    fn follow_cursor(
+        &mut self,
+        url: &Url,
+        next: Option<&str>,
+        empty: bool,
+    ) -> Result<(), SourceError> {
+        let Some(next) = next.filter(|_| !empty) else {
+            // No cursor, or a cursor with nothing behind it: the window is done.
+            self.done = true;
+            return Ok(());
+        };
+        if self.cursor.as_deref() == Some(next) {
+            // The answer to cursor X is the page that led to X: the broker ignores the cursor
+            // parameter and served page 1 again. Page numbers it is, from page 2.
+            warn!(
+                broker = self.broker,
+                parameter = %self.plan.params.cursor,
+                "The broker ignores the cursor parameter; paging by page number instead."
+            );
+            self.style = Style::PageNumber;
+            self.cursor = None;
+            self.page = 2;
+            return Ok(());
+        }
+        if !self.seen_cursors.insert(next.to_owned()) {
             return Err(SourceError::Unstable {
                 url: url.to_string(),
                 message: format!(
-                    "the window's total kept changing while paging ({MAX_RESTARTS} restarts); \
-                     the cursor stays put and the next run tries again"
+                    "next_cursor `{next}` was already followed: the broker's cursor loops"
                 ),
             });
         }
-        warn!(
-            was,
-            now,
-            restart = self.restarts,
-            "Records moved while paging by page number; paging the window again from page 1."
-        );
-        self.page = 1;
-        self.total = None;
-        self.fetched_in_pass = 0;
+        self.cursor = Some(next.to_owned());
+        Ok(())
+    }
+
+    fn next_page_number(
+        &mut self,
+        received: u64,
+        page_size: Option<u64>,
+        total: Option<u64>,
+    ) -> Result<(), SourceError> {
+        // The broker's page size: what it says, else the largest page it served (a broker may
+        // serve fewer records than asked for; stopping at `page × asked ≥ total` would then
+        // stop early).
+        self.page_size = page_size
+            .filter(|n| *n > 0)
+            .unwrap_or(self.page_size.max(received))
+            .max(1);
+        if let (Some(was), Some(now)) = (self.total, total)
+            && now < was
+        {
+            self.step_backs += 1;
+            if self.step_backs > MAX_STEP_BACKS {
+                return Err(SourceError::Unstable {
+                    url: self.url().to_string(),
+                    message: format!(
+                        "records kept leaving the window while paging ({MAX_STEP_BACKS} times); \
+                         the cursor stays put and the next run tries again"
+                    ),
+                });
+            }
+            let back = (was - now).div_ceil(self.page_size);
+            warn!(
+                broker = self.broker,
+                was,
+                now,
+                pages_back = back,
+                "Records left the window while paging by page number; re-reading the pages they shifted."
+            );
+            self.total = Some(now);
+            self.page = self.page.saturating_sub(back).max(1);
+            return Ok(());
+        }
+        self.total = total.or(self.total);
+        let reached_total = self.total.is_some_and(|t| self.page * self.page_size >= t);
+        if received == 0 || reached_total {
+            self.done = true;
+        } else {
+            self.page += 1;
+        }
         Ok(())
     }
 }
