@@ -137,7 +137,14 @@ impl Runner<'_> {
         lane: Lane,
         summary: &mut RunSummary,
     ) -> Result<(), EngineError> {
-        info!(from = %window.from, to = %window.to, "Sync started.");
+        // A backfill runs one window per slice: its per-slice lines are detail, its summary
+        // (logged by the caller) is the news.
+        let live = matches!(lane, Lane::Live);
+        if live {
+            info!(from = %window.from, to = %window.to, "Sync started.");
+        } else {
+            debug!(from = %window.from, to = %window.to, "Backfill slice started.");
+        }
         let mut pager = self.source.pages(entity, window);
         let source_error = |source| EngineError::Source {
             broker: self.plan.broker.clone(),
@@ -168,15 +175,23 @@ impl Runner<'_> {
             current = next;
         }
         let s = summary.stats;
-        info!(
-            pages = summary.pages,
-            pulled = summary.pulled,
-            stored = s.stored,
-            quarantined = s.quarantined,
-            held = s.held,
-            released = s.released,
-            "Sync finished."
-        );
+        if live {
+            info!(
+                pages = summary.pages,
+                pulled = summary.pulled,
+                stored = s.stored,
+                quarantined = s.quarantined,
+                held = s.held,
+                released = s.released,
+                "Sync finished."
+            );
+        } else {
+            debug!(
+                pages = summary.pages,
+                pulled = summary.pulled,
+                "Backfill slice finished."
+            );
+        }
         Ok(())
     }
 
