@@ -12,7 +12,6 @@ use crate::cli::{BackfillArgs, QuarantineArgs, SampleBrokerArgs, SyncArgs};
 use crate::config::{self, ConnectorPlan, Loaded, SourcePlan, plan::parse_instant};
 use crate::engine::Runner;
 use crate::model::Entity;
-use crate::normalise::Normaliser;
 use crate::sample_broker::{Dataset, DatasetSpec, Paging, SampleBroker};
 use crate::sink::EmbeddedSink;
 use crate::source::Source;
@@ -64,7 +63,7 @@ fn open_store(loaded: &Loaded) -> anyhow::Result<Arc<Store>> {
 fn source_for(plan: &ConnectorPlan) -> anyhow::Result<Box<dyn Source>> {
     match &plan.source {
         SourcePlan::Rest(rest) => Ok(Box::new(
-            RestSource::new(&plan.broker, rest)
+            RestSource::new(&plan.broker, rest, &plan.zone)
                 .with_context(|| format!("{}: cannot build the HTTP client", plan.broker))?,
         )),
     }
@@ -111,7 +110,6 @@ pub async fn sync(config_path: Option<&std::path::Path>, args: &SyncArgs) -> any
             source: source.as_ref(),
             sink: &sink,
             store: &store,
-            normaliser: Normaliser::standard(plan.zone.clone()),
         };
         for entity in entities(plan, args.entity)? {
             runs += 1;
@@ -163,7 +161,6 @@ pub async fn backfill(
         source: source.as_ref(),
         sink: &sink,
         store: &store,
-        normaliser: Normaliser::standard(plan.zone.clone()),
     };
     let now = Timestamp::now();
     for entity in entities(plan, args.entity)? {

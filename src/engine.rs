@@ -11,8 +11,7 @@ use sha2::{Digest, Sha256};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::ConnectorPlan;
-use crate::model::Entity;
-use crate::normalise::Normaliser;
+use crate::model::{Entity, Record};
 use crate::sink::{CommitStats, PageBatch, Progress, Reject, Sink, Valid};
 use crate::source::{Page, Source, SourceError, Window};
 use crate::state::{Store, StoreError};
@@ -55,7 +54,6 @@ pub struct Runner<'a> {
     pub source: &'a dyn Source,
     pub sink: &'a dyn Sink,
     pub store: &'a Store,
-    pub normaliser: Normaliser,
 }
 
 impl Runner<'_> {
@@ -237,16 +235,39 @@ impl Runner<'_> {
     fn prepare(&self, entity: Entity, raw: Vec<Value>) -> (Vec<Valid>, Vec<Reject>) {
         let mut valid = Vec::with_capacity(raw.len());
         let mut rejects = Vec::new();
-        for original in raw {
-            let mut normalised = original.clone();
-            self.normaliser.apply(entity, &mut normalised);
+        let mapping = &self.plan.mapping;
+        for mut original in raw {
+            let (normalised, mapping_reasons) = mapping.apply(entity, &original);
             match validate::validate(entity, &normalised) {
-                Ok(record) => valid.push(Valid { record, normalised }),
-                Err(reasons) => rejects.push(Reject {
-                    key: quarantine_key(entity, &normalised),
-                    raw: original.to_string(),
-                    reasons,
-                }),
+                Ok(mut record) if mapping_reasons.is_empty() => {
+                    if let Record::Customer(customer) = &mut record {
+                        mapping.pii.apply(customer);
+                    }
+                    valid.push(Valid { record, normalised });
+                }
+                result => {
+                    // A field that failed to convert also fails validation; its mapping reason
+                    // (which names the source path) says it better, once.
+                    let failed = |r: &String| {
+                        mapping_reasons
+                            .iter()
+                            .any(|m| m.split(':').next() == r.split(':').next())
+                    };
+                    let mut reasons = mapping_reasons.clone();
+                    reasons.extend(
+                        result
+                            .err()
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|r| !failed(r)),
+                    );
+                    mapping.redact_raw(entity, &mut original);
+                    rejects.push(Reject {
+                        key: quarantine_key(entity, &normalised),
+                        raw: original.to_string(),
+                        reasons,
+                    });
+                }
             }
         }
         (valid, rejects)

@@ -10,8 +10,10 @@ use reqwest::Url;
 use secrecy::SecretString;
 
 use super::ConfigError;
-use super::raw::{RawConnector, RawRest, RawSettings, RawSync};
+use super::raw::{RawConnector, RawPii, RawRest, RawSettings, RawSync};
 use crate::model::Entity;
+use crate::normalise::Mapping;
+use crate::normalise::pii::{PII_FIELDS, PiiAction, PiiPolicy};
 
 /// The largest page the guide's API serves.
 pub const MAX_PER_PAGE: u32 = 500;
@@ -41,6 +43,7 @@ pub struct ConnectorPlan {
     pub entities: Vec<Entity>,
     pub zone: TimeZone,
     pub source: SourcePlan,
+    pub mapping: Mapping,
     pub sync: SyncPlan,
 }
 
@@ -49,16 +52,20 @@ pub enum SourcePlan {
     Rest(RestPlan),
 }
 
-/// A REST API in the shape of the guide's recommended endpoints.
+/// A broker's REST API.
 #[derive(Debug, Clone)]
 pub struct RestPlan {
     pub base_url: Url,
     pub per_page: u32,
-    pub pagination: Pagination,
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    pub rate_limit: RateLimit,
+    pub max_retry_time: Duration,
     pub auth: AuthPlan,
+    pub paging: PagingPlan,
     pub params: QueryParams,
+    /// How window bounds are written into the query.
+    pub time_format: TimeFormat,
     pub paths: [String; 3],
 }
 
@@ -72,29 +79,103 @@ impl RestPlan {
     }
 }
 
-/// How the REST source pages.
+/// At most `requests` in any `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pagination {
-    /// Follow `meta.next_cursor` when the broker sends one, page numbers otherwise.
+pub struct RateLimit {
+    pub requests: u32,
+    pub per: Duration,
+}
+
+/// How a page is read and the next one asked for.
+#[derive(Debug, Clone)]
+pub struct PagingPlan {
+    pub style: PagingStyle,
+    /// JSON pointer to the record array; `""` is the body itself.
+    pub records: String,
+    pub total: Option<String>,
+    pub next_cursor: Option<String>,
+    pub has_more: Option<String>,
+    pub page_size: Option<String>,
+    /// Offset style: how many records of the previous page each request reads again.
+    pub overlap: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PagingStyle {
+    /// Follow the body's next cursor when the broker sends one, page numbers otherwise.
     Auto,
-    /// Page numbers only, whatever `meta.next_cursor` says.
-    PageNumber,
+    /// Page numbers only, whatever the body says.
+    Page,
+    /// The body's next cursor, sent back as the cursor parameter.
+    Cursor,
+    /// offset/limit.
+    Offset,
+    /// The `Link: <…>; rel="next"` response header.
+    Link,
+}
+
+/// How instants are written in a query or read from a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimeFormat {
+    Rfc3339,
+    EpochSeconds,
+    EpochMillis,
+    /// A strftime format; without an offset in it, the time is the connector's zone's.
+    Format(String),
+}
+
+impl TimeFormat {
+    pub fn parse(text: &str) -> Result<TimeFormat, String> {
+        match text {
+            "rfc3339" | "iso8601" => Ok(TimeFormat::Rfc3339),
+            "epoch_s" => Ok(TimeFormat::EpochSeconds),
+            "epoch_ms" => Ok(TimeFormat::EpochMillis),
+            f if f.contains('%') => Ok(TimeFormat::Format(f.to_owned())),
+            other => Err(format!(
+                "`{other}` is not rfc3339, epoch_s, epoch_ms or a strftime format such as \"%Y.%m.%d %H:%M:%S\""
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct QueryParams {
     pub page: String,
     pub per_page: String,
+    pub offset: String,
+    pub limit: String,
     pub modified_from: String,
     pub modified_to: String,
     pub cursor: String,
 }
 
-/// How requests authenticate. OAuth 2.0 client credentials plugs in here.
+/// How requests authenticate.
 #[derive(Debug, Clone)]
 pub enum AuthPlan {
     None,
     Bearer(SecretString),
+    ApiKeyHeader {
+        name: String,
+        key: SecretString,
+    },
+    ApiKeyQuery {
+        name: String,
+        key: SecretString,
+    },
+    Basic {
+        username: String,
+        password: SecretString,
+    },
+    OAuth2(OAuth2Plan),
+}
+
+/// OAuth 2.0 client credentials.
+#[derive(Debug, Clone)]
+pub struct OAuth2Plan {
+    pub token_url: Url,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -194,40 +275,50 @@ pub(super) fn connector_plan(
         }
     };
     let sync = sync_plan(&raw.sync, defaults, "sync", problems);
+    let pii = pii_policy(&raw.pii, problems);
+    let zone = zone?;
+    let mapping = match Mapping::compile(&raw.mapping, zone.clone(), pii?) {
+        Ok(mapping) => Some(mapping),
+        Err(found) => {
+            for (key, message) in found {
+                problems.add(&key, message);
+            }
+            None
+        }
+    };
     Some(ConnectorPlan {
         broker,
         file: file.to_owned(),
         enabled: raw.enabled,
         entities,
-        zone: zone?,
+        zone,
         source: source?,
+        mapping: mapping?,
         sync: sync?,
     })
 }
 
+fn pii_policy(raw: &RawPii, problems: &mut Problems) -> Option<PiiPolicy> {
+    let mut policy = PiiPolicy::default();
+    let fields = [&raw.first_name, &raw.last_name, &raw.email];
+    for ((name, value), action) in PII_FIELDS.iter().zip(fields).zip(policy.actions.iter_mut()) {
+        if let Some(text) = value {
+            *action = problems.take(&format!("pii.{name}"), PiiAction::parse(text))?;
+        }
+    }
+    if raw.hash_key_env.is_some() || raw.hash_key_file.is_some() {
+        let key = super::secret::load(
+            raw.hash_key_env.as_deref(),
+            raw.hash_key_file.as_deref(),
+            "pii.hash_key",
+        );
+        policy.hash_key = Some(problems.take("pii", key)?);
+    }
+    Some(policy)
+}
+
 fn rest_plan(raw: &RawRest, problems: &mut Problems) -> Option<RestPlan> {
-    let base_url = match Url::parse(&raw.base_url) {
-        Ok(url) if url.scheme() == "https" => Some(url),
-        Ok(url) if url.scheme() == "http" && raw.allow_http => Some(url),
-        Ok(url) if url.scheme() == "http" => {
-            problems.add(
-                "rest.base_url",
-                "plain http is refused; use https, or set rest.allow_http = true for loopback tests",
-            );
-            None
-        }
-        Ok(url) => {
-            problems.add(
-                "rest.base_url",
-                format!("scheme `{}` is not http or https", url.scheme()),
-            );
-            None
-        }
-        Err(e) => {
-            problems.add("rest.base_url", format!("not a URL: {e}"));
-            None
-        }
-    };
+    let base_url = http_url(&raw.base_url, raw.allow_http, "rest.base_url", problems);
     let per_page = match raw.per_page {
         None => Some(MAX_PER_PAGE),
         Some(n) if (1..=MAX_PER_PAGE as i64).contains(&n) => Some(n as u32),
@@ -239,17 +330,6 @@ fn rest_plan(raw: &RawRest, problems: &mut Problems) -> Option<RestPlan> {
             None
         }
     };
-    let pagination = match raw.pagination.as_deref() {
-        None | Some("auto") => Some(Pagination::Auto),
-        Some("page_number") => Some(Pagination::PageNumber),
-        Some(other) => {
-            problems.add(
-                "rest.pagination",
-                format!("`{other}` is not one of: auto, page_number"),
-            );
-            None
-        }
-    };
     let timeout = optional_duration(&raw.timeout, "60s", "rest.timeout", problems);
     let connect_timeout = optional_duration(
         &raw.connect_timeout,
@@ -257,7 +337,21 @@ fn rest_plan(raw: &RawRest, problems: &mut Problems) -> Option<RestPlan> {
         "rest.connect_timeout",
         problems,
     );
+    let max_retry_time =
+        optional_duration(&raw.max_retry_time, "2m", "rest.max_retry_time", problems);
+    let rate_limit = match &raw.rate_limit {
+        None => Some(RateLimit {
+            requests: 1000,
+            per: Duration::from_secs(60),
+        }),
+        Some(value) => problems.take("rest.rate_limit", parse_rate_limit(value)),
+    };
     let auth = auth_plan(raw, problems);
+    let paging = paging_plan(raw, problems);
+    let time_format = problems.take(
+        "rest.params.time_format",
+        TimeFormat::parse(&raw.params.time_format),
+    );
     let mut paths = Entity::ALL.map(|e| format!("/api/v1/forex/{}", e.api_segment()));
     for (name, path) in &raw.paths {
         let key = format!("rest.paths.{name}");
@@ -273,6 +367,8 @@ fn rest_plan(raw: &RawRest, problems: &mut Problems) -> Option<RestPlan> {
     let params = QueryParams {
         page: p.page.clone(),
         per_page: p.per_page.clone(),
+        offset: p.offset.clone(),
+        limit: p.limit.clone(),
         modified_from: p.modified_from.clone(),
         modified_to: p.modified_to.clone(),
         cursor: p.cursor.clone(),
@@ -280,31 +376,231 @@ fn rest_plan(raw: &RawRest, problems: &mut Problems) -> Option<RestPlan> {
     Some(RestPlan {
         base_url: base_url?,
         per_page: per_page?,
-        pagination: pagination?,
         timeout: timeout?.unsigned_abs(),
         connect_timeout: connect_timeout?.unsigned_abs(),
+        rate_limit: rate_limit?,
+        max_retry_time: max_retry_time?.unsigned_abs(),
         auth: auth?,
+        paging: paging?,
         params,
+        time_format: time_format?,
         paths,
     })
 }
 
-fn auth_plan(raw: &RawRest, problems: &mut Problems) -> Option<AuthPlan> {
-    let auth = &raw.auth;
-    match auth.kind.as_str() {
-        "none" => Some(AuthPlan::None),
-        "bearer" => {
-            let token = super::secret::load(
-                auth.token_env.as_deref(),
-                auth.token_file.as_deref(),
-                "rest.auth.token",
+/// An http(s) URL; plain http only when allowed.
+fn http_url(text: &str, allow_http: bool, key: &str, problems: &mut Problems) -> Option<Url> {
+    match Url::parse(text) {
+        Ok(url) if url.scheme() == "https" => Some(url),
+        Ok(url) if url.scheme() == "http" && allow_http => Some(url),
+        Ok(url) if url.scheme() == "http" => {
+            problems.add(
+                key,
+                "plain http is refused; use https, or set rest.allow_http = true for loopback tests",
             );
-            problems.take("rest.auth", token).map(AuthPlan::Bearer)
+            None
+        }
+        Ok(url) => {
+            problems.add(
+                key,
+                format!("scheme `{}` is not http or https", url.scheme()),
+            );
+            None
+        }
+        Err(e) => {
+            problems.add(key, format!("`{text}` is not a URL: {e}"));
+            None
+        }
+    }
+}
+
+/// `1000` (per minute), `"50/s"`, `"1000/min"`, `"20000/h"`.
+fn parse_rate_limit(value: &toml::Value) -> Result<RateLimit, String> {
+    let (count, per) = match value {
+        toml::Value::Integer(n) => (*n, 60),
+        toml::Value::String(text) => {
+            let (n, unit) = text
+                .split_once('/')
+                .ok_or_else(|| format!("`{text}` is not a rate such as 1000/min or 50/s"))?;
+            let per = match unit.trim() {
+                "s" | "sec" | "second" => 1,
+                "m" | "min" | "minute" => 60,
+                "h" | "hour" => 3600,
+                other => return Err(format!("unit `{other}` is not s, min or h")),
+            };
+            let n = n
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| format!("`{text}` is not a rate such as 1000/min or 50/s"))?;
+            (n, per)
+        }
+        other => return Err(format!("expected a number or a string, found {other}")),
+    };
+    match u32::try_from(count) {
+        Ok(requests) if requests > 0 => Ok(RateLimit {
+            requests,
+            per: Duration::from_secs(per),
+        }),
+        _ => Err(format!(
+            "must be a positive number of requests, found {count}"
+        )),
+    }
+}
+
+fn paging_plan(raw: &RawRest, problems: &mut Problems) -> Option<PagingPlan> {
+    let p = &raw.paging;
+    let style = match p.style.as_deref() {
+        None | Some("auto") => Some(PagingStyle::Auto),
+        Some("page") => Some(PagingStyle::Page),
+        Some("cursor") => Some(PagingStyle::Cursor),
+        Some("offset") => Some(PagingStyle::Offset),
+        Some("link") => Some(PagingStyle::Link),
+        Some(other) => {
+            problems.add(
+                "rest.paging.style",
+                format!("`{other}` is not one of: auto, page, cursor, offset, link"),
+            );
+            None
+        }
+    };
+    let mut pointer = |key: &str, value: &Option<String>, default: Option<&str>| {
+        let text = value.as_deref().or(default)?;
+        match json_pointer(text) {
+            Ok(pointer) => Some(pointer),
+            Err(e) => {
+                problems.add(&format!("rest.paging.{key}"), e);
+                None
+            }
+        }
+    };
+    // The guide's envelope: {"data": [...], "meta": {"total", "page", "per_page", "next_cursor"}}.
+    let records = pointer("records", &p.records, Some("/data")).unwrap_or_default();
+    let total = pointer("total", &p.total, Some("/meta/total"));
+    let next_cursor = pointer("next_cursor", &p.next_cursor, Some("/meta/next_cursor"));
+    let has_more = pointer("has_more", &p.has_more, None);
+    let page_size = pointer("page_size", &p.page_size, Some("/meta/per_page"));
+    let overlap = match p.overlap {
+        None => Some(10),
+        Some(n) if (1..=100).contains(&n) => Some(n as u32),
+        Some(n) => {
+            problems.add(
+                "rest.paging.overlap",
+                format!("must be between 1 and 100, found {n}"),
+            );
+            None
+        }
+    };
+    if style == Some(PagingStyle::Cursor) && next_cursor.is_none() {
+        problems.add(
+            "rest.paging.next_cursor",
+            "style = \"cursor\" needs the cursor's location",
+        );
+    }
+    Some(PagingPlan {
+        style: style?,
+        records,
+        total,
+        next_cursor,
+        has_more,
+        page_size,
+        overlap: overlap?,
+    })
+}
+
+/// A JSON pointer (`/a/b`, `""` for the whole value) or a dotted path (`a.b`) as a pointer.
+pub fn json_pointer(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.starts_with('/') {
+        return Ok(text.to_owned());
+    }
+    if text.split('.').any(str::is_empty) || text.starts_with('$') {
+        return Err(format!(
+            "`{text}` is not a JSON pointer (/data/items) or a dotted path (data.items)"
+        ));
+    }
+    // A dotted path's segments are names: `~` and `/` in them are escaped as a pointer wants.
+    Ok(text
+        .split('.')
+        .map(|seg| format!("/{}", seg.replace('~', "~0").replace('/', "~1")))
+        .collect())
+}
+
+fn auth_plan(raw: &RawRest, problems: &mut Problems) -> Option<AuthPlan> {
+    let a = &raw.auth;
+    let secret =
+        |env: &Option<String>, file: &Option<String>, name: &str, problems: &mut Problems| {
+            let loaded = super::secret::load(
+                env.as_deref(),
+                file.as_deref(),
+                &format!("rest.auth.{name}"),
+            );
+            problems.take("rest.auth", loaded)
+        };
+    match a.kind.as_str() {
+        "none" => Some(AuthPlan::None),
+        "bearer" => secret(&a.token_env, &a.token_file, "token", problems).map(AuthPlan::Bearer),
+        "api_key" => {
+            let key = secret(&a.key_env, &a.key_file, "key", problems);
+            match (&a.header, &a.query) {
+                (Some(name), None) => Some(AuthPlan::ApiKeyHeader {
+                    name: name.clone(),
+                    key: key?,
+                }),
+                (None, Some(name)) => Some(AuthPlan::ApiKeyQuery {
+                    name: name.clone(),
+                    key: key?,
+                }),
+                _ => {
+                    problems.add(
+                        "rest.auth",
+                        "api_key needs exactly one of `header` or `query`",
+                    );
+                    None
+                }
+            }
+        }
+        "basic" => {
+            let password = secret(&a.password_env, &a.password_file, "password", problems);
+            let Some(username) = a.username.clone() else {
+                problems.add("rest.auth.username", "basic auth needs a username");
+                return None;
+            };
+            Some(AuthPlan::Basic {
+                username,
+                password: password?,
+            })
+        }
+        "oauth2" => {
+            let client_secret = secret(
+                &a.client_secret_env,
+                &a.client_secret_file,
+                "client_secret",
+                problems,
+            );
+            let token_url = match &a.token_url {
+                Some(url) => http_url(url, raw.allow_http, "rest.auth.token_url", problems),
+                None => {
+                    problems.add(
+                        "rest.auth.token_url",
+                        "oauth2 needs the token endpoint's URL",
+                    );
+                    None
+                }
+            };
+            let Some(client_id) = a.client_id.clone() else {
+                problems.add("rest.auth.client_id", "oauth2 needs a client_id");
+                return None;
+            };
+            Some(AuthPlan::OAuth2(OAuth2Plan {
+                token_url: token_url?,
+                client_id,
+                client_secret: client_secret?,
+                scopes: a.scopes.clone(),
+            }))
         }
         other => {
             problems.add(
                 "rest.auth.type",
-                format!("`{other}` is not one of: none, bearer"),
+                format!("`{other}` is not one of: none, bearer, api_key, basic, oauth2"),
             );
             None
         }

@@ -42,6 +42,11 @@ pub struct RawConnector {
     /// Which entities to pull; all three when absent.
     pub entities: Option<Vec<String>>,
     pub rest: Option<RawRest>,
+    /// Per entity: Track360 field → source field rule.
+    #[serde(default)]
+    pub mapping: BTreeMap<String, BTreeMap<String, RawField>>,
+    #[serde(default)]
+    pub pii: RawPii,
     #[serde(default)]
     pub sync: RawSync,
 }
@@ -58,12 +63,16 @@ pub struct RawRest {
     #[serde(default)]
     pub allow_http: bool,
     pub per_page: Option<i64>,
-    /// `auto` (follow `next_cursor` when the broker sends one) or `page_number`.
-    pub pagination: Option<String>,
     pub timeout: Option<String>,
     pub connect_timeout: Option<String>,
+    /// Requests per minute (an integer), or `"N/s"`, `"N/min"`, `"N/h"`.
+    pub rate_limit: Option<toml::Value>,
+    /// How long one request may keep being retried before the run fails.
+    pub max_retry_time: Option<String>,
     #[serde(default)]
     pub auth: RawAuth,
+    #[serde(default)]
+    pub paging: RawPaging,
     #[serde(default)]
     pub params: RawParams,
     /// Per-entity path overrides, e.g. `customers = "/crm/v2/customers"`.
@@ -74,13 +83,28 @@ pub struct RawRest {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAuth {
-    /// `none` or `bearer`.
+    /// `none`, `bearer`, `api_key`, `basic` or `oauth2`.
     #[serde(rename = "type", default = "auth_none")]
     pub kind: String,
-    /// Name of the environment variable holding the token.
+    /// bearer: the token, from an environment variable or a file.
     pub token_env: Option<String>,
-    /// Path of a file holding the token (e.g. a systemd credential).
     pub token_file: Option<String>,
+    /// api_key: sent in this header, or in this query parameter.
+    pub header: Option<String>,
+    pub query: Option<String>,
+    pub key_env: Option<String>,
+    pub key_file: Option<String>,
+    /// basic: the user name (not a secret) and the password.
+    pub username: Option<String>,
+    pub password_env: Option<String>,
+    pub password_file: Option<String>,
+    /// oauth2 client credentials.
+    pub token_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret_env: Option<String>,
+    pub client_secret_file: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
 }
 
 fn auth_none() -> String {
@@ -89,23 +113,39 @@ fn auth_none() -> String {
 
 impl Default for RawAuth {
     fn default() -> Self {
-        RawAuth {
-            kind: auth_none(),
-            token_env: None,
-            token_file: None,
-        }
+        toml::from_str("").expect("every auth key has a default")
     }
 }
 
-/// Names of the query parameters the broker's API takes.
+/// Where the page's parts are, and how to get the next page.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPaging {
+    /// `auto`, `page`, `cursor`, `offset` or `link`.
+    pub style: Option<String>,
+    /// JSON pointer to the record array (`""`: the body is the array).
+    pub records: Option<String>,
+    pub total: Option<String>,
+    pub next_cursor: Option<String>,
+    pub has_more: Option<String>,
+    pub page_size: Option<String>,
+    /// offset style: records re-read from the previous page to detect records that moved.
+    pub overlap: Option<i64>,
+}
+
+/// Names of the query parameters the broker's API takes, and its time format.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawParams {
     pub page: String,
     pub per_page: String,
+    pub offset: String,
+    pub limit: String,
     pub modified_from: String,
     pub modified_to: String,
     pub cursor: String,
+    /// `rfc3339`, `epoch_s`, `epoch_ms`, or a strftime format read in the connector's zone.
+    pub time_format: String,
 }
 
 impl Default for RawParams {
@@ -113,11 +153,54 @@ impl Default for RawParams {
         RawParams {
             page: "page".into(),
             per_page: "per_page".into(),
+            offset: "offset".into(),
+            limit: "limit".into(),
             modified_from: "last_modified_from".into(),
             modified_to: "last_modified_to".into(),
             cursor: "cursor".into(),
+            time_format: "rfc3339".into(),
         }
     }
+}
+
+/// One Track360 field's source: a bare string is a path; a table says more.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawField {
+    Path(String),
+    Rule(RawFieldRule),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFieldRule {
+    /// JSON pointer (`/a/b`) or dotted path (`a.b`) into the source record.
+    pub path: Option<String>,
+    /// A constant instead of a path.
+    #[serde(rename = "const")]
+    pub constant: Option<toml::Value>,
+    /// Used when the path is absent or null.
+    pub default: Option<toml::Value>,
+    /// Timestamps: `rfc3339`, `epoch_s`, `epoch_ms`, or a strftime format; naive ones in the
+    /// connector's zone.
+    pub time: Option<String>,
+    /// Decimals: multiply by this (e.g. "0.0001": MT5 volume units to lots).
+    pub scale: Option<String>,
+    /// Codes: source value → Track360 value.
+    #[serde(rename = "enum")]
+    pub map: Option<BTreeMap<String, String>>,
+}
+
+/// Per-connector policy for personal data: `keep`, `drop` or `hash` each field.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPii {
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub email: Option<String>,
+    /// Secret mixed into hashes, so that they cannot be reversed by hashing known addresses.
+    pub hash_key_env: Option<String>,
+    pub hash_key_file: Option<String>,
 }
 
 /// The sync window and backfill settings; every key falls back to the daemon's `[sync]`.

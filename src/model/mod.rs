@@ -45,6 +45,60 @@ impl Entity {
         }
     }
 
+    /// Every Track360 field of the entity, as the guide names them.
+    pub fn fields(self) -> &'static [&'static str] {
+        match self {
+            Entity::Customers => &[
+                "customer_id",
+                "signup_date",
+                "last_modified_date",
+                "affiliate_id",
+                "campaign_id",
+                "click_id",
+                "lang_id",
+                "country_code",
+                "kyc_status_id",
+                "sales_status_id",
+                "trading_account_type",
+                "leverage",
+                "first_name",
+                "last_name",
+                "email",
+            ],
+            Entity::Transactions => &[
+                "transaction_id",
+                "customer_id",
+                "transaction_type",
+                "amount",
+                "currency",
+                "transaction_date",
+                "status",
+                "last_modified_date",
+            ],
+            Entity::TradingActivity => &[
+                "date",
+                "customer_id",
+                "instrument",
+                "lots_traded",
+                "volume_usd",
+                "spread_cost",
+                "commission",
+                "pnl",
+                "currency",
+                "last_modified_date",
+            ],
+        }
+    }
+
+    /// The fields holding instants (RFC 3339 UTC once normalised).
+    pub fn timestamp_fields(self) -> &'static [&'static str] {
+        match self {
+            Entity::Customers => &["signup_date", "last_modified_date"],
+            Entity::Transactions => &["transaction_date", "last_modified_date"],
+            Entity::TradingActivity => &["last_modified_date"],
+        }
+    }
+
     /// The natural key's fields, in key order.
     pub fn key_fields(self) -> &'static [&'static str] {
         match self {

@@ -47,6 +47,8 @@ pub enum SourceError {
         url: String,
         status: u16,
         body: String,
+        /// The broker's `Retry-After`, when it sent one.
+        retry_after: Option<std::time::Duration>,
     },
     #[error("GET {url}: {message}")]
     Transport { url: String, message: String },
@@ -54,15 +56,30 @@ pub enum SourceError {
     BadPage { url: String, message: String },
     #[error("GET {url}: {message}")]
     Unstable { url: String, message: String },
+    #[error("{url}: {message}")]
+    Auth { url: String, message: String },
 }
 
 impl SourceError {
     /// Whether trying the same request again may succeed (decided here, once).
     pub fn is_retryable(&self) -> bool {
         match self {
-            SourceError::Status { status, .. } => *status == 429 || *status >= 500,
+            SourceError::Status { status, .. } => {
+                *status == 429 || *status == 408 || *status >= 500
+            }
             SourceError::Transport { .. } => true,
-            SourceError::BadPage { .. } | SourceError::Unstable { .. } => false,
+            // A body cut short by a dropped connection parses as bad JSON; asking again is
+            // cheap, and a broker that always answers garbage runs out of retry time.
+            SourceError::BadPage { .. } => true,
+            SourceError::Unstable { .. } | SourceError::Auth { .. } => false,
+        }
+    }
+
+    /// How long the broker asked us to wait before the next request.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            SourceError::Status { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 }

@@ -24,6 +24,8 @@ pub struct Connector {
     pub settle: &'static str,
     pub activity_repull_days: i64,
     pub backfill_slice: &'static str,
+    /// Requests the connector may send (the guide's 1000/min would slow every test down).
+    pub rate_limit: &'static str,
     /// Extra TOML appended to the `[rest]` table's end (e.g. an auth table).
     pub rest_extra: String,
 }
@@ -36,6 +38,7 @@ impl Default for Connector {
             settle: "0s",
             activity_repull_days: 0,
             backfill_slice: "1d",
+            rate_limit: "5000/s",
             rest_extra: String::new(),
         }
     }
@@ -93,6 +96,8 @@ base_url = "{url}"
 allow_http = true
 per_page = {per_page}
 timeout = "10s"
+max_retry_time = "3s"
+rate_limit = "{rate_limit}"
 {rest_extra}
 
 [sync]
@@ -104,6 +109,7 @@ backfill_slice = "{slice}"
             url = self.broker.base_url(),
             per_page = c.per_page,
             rest_extra = c.rest_extra,
+            rate_limit = c.rate_limit,
             lookback = c.lookback,
             settle = c.settle,
             repull = c.activity_repull_days,

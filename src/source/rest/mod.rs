@@ -1,42 +1,38 @@
-//! The REST source for APIs shaped like the Track360 guide's recommended endpoints.
+//! The REST source: any broker API that lists records of a `last_modified_date` window, in the
+//! guide's shape or, with field mapping and paging settings, in its own.
 
 mod auth;
+mod client;
 mod pager;
+mod token_cache;
 
-use std::time::Duration;
+use jiff::tz::TimeZone;
 
 use crate::config::RestPlan;
 use crate::model::Entity;
 use crate::source::{Pager, Source, Window};
 
+pub use client::parse_link_next;
 pub use pager::RestPager;
 
-/// A broker's REST API: one HTTP client (connection pool) per connector.
+/// A broker's REST API: one HTTP client (connection pool, rate limiter, token) per connector.
 pub struct RestSource {
-    broker: String,
     plan: RestPlan,
-    client: reqwest::Client,
+    zone: TimeZone,
+    http: client::HttpClient,
 }
 
 impl RestSource {
-    pub fn new(broker: &str, plan: &RestPlan) -> Result<RestSource, reqwest::Error> {
+    pub fn new(
+        broker: &str,
+        plan: &RestPlan,
+        zone: &TimeZone,
+    ) -> Result<RestSource, reqwest::Error> {
         ensure_crypto_provider();
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("t360-connector/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(plan.connect_timeout)
-            // A total deadline per page, body included: a stalled broker fails the run
-            // instead of hanging it.
-            .timeout(plan.timeout)
-            // Shorter than the 60–75 s idle timeout of common load balancers, which otherwise
-            // close pooled connections under us (hyper #2136).
-            .pool_idle_timeout(Duration::from_secs(30))
-            // A redirect could carry the bearer token to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
         Ok(RestSource {
-            broker: broker.to_owned(),
+            http: client::HttpClient::new(broker, plan)?,
             plan: plan.clone(),
-            client,
+            zone: zone.clone(),
         })
     }
 }
@@ -44,11 +40,7 @@ impl RestSource {
 impl Source for RestSource {
     fn pages(&self, entity: Entity, window: Window) -> Box<dyn Pager + '_> {
         Box::new(RestPager::new(
-            &self.client,
-            &self.plan,
-            &self.broker,
-            entity,
-            window,
+            &self.http, &self.plan, &self.zone, entity, window,
         ))
     }
 }

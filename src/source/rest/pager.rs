@@ -1,301 +1,374 @@
-//! Paging through one window of the guide's `{data, meta}` envelope.
+//! Paging through one window, in the broker's style.
 //!
-//! Two styles, told apart by the broker's first answer:
-//! - **cursor**: the page's `meta.next_cursor` is sent back as the cursor parameter until a
-//!   page has none. A keyset cursor is stable while records change under it. A broker that
-//!   answers a cursor with the cursor it was sent ignores the parameter: the pager falls back to
-//!   page numbers.
-//! - **page number**: `page=1,2,…` until an empty page, or until `meta.total` is reached.
+//! - **cursor**: the body's next cursor is sent back as the cursor parameter until a page has
+//!   none. A keyset cursor is stable while records change under it. A broker that answers a
+//!   cursor with the cursor it was sent ignores the parameter: the pager falls back to page
+//!   numbers.
+//! - **link**: the `Link: <…>; rel="next"` header is followed (same origin only: it carries
+//!   our credentials).
+//! - **page number**: `page=1,2,…` until an empty page, `has_more = false`, or `total` reached.
 //!   Page numbers are offsets, and offsets shift when a record leaves the window while we page
 //!   (it was modified, so its `last_modified_date` moved past the window's end): every later
-//!   record moves back, and the ones on the page boundary would be skipped (DOMAIN §4.4).
-//!   The pager watches `meta.total`: when it drops by `d`, the `d` skipped records now sit at
-//!   the end of the page before, so the pager steps back over them and reads on (upserts make
-//!   the re-read harmless). A rise means records were added inside the window behind us: late
-//!   arrivals, which the next window's lookback reads.
+//!   record moves back, and the ones on the page boundary would be skipped (DOMAIN §4.4). The
+//!   pager watches `total`: when it drops by `d`, the `d` skipped records now sit at the end of
+//!   the page before, so the pager steps back over them and reads on (upserts make the re-read
+//!   harmless). A rise means records were added behind us inside the window: late arrivals,
+//!   which the next window's lookback reads.
+//! - **offset/limit**: each request starts `overlap` records before where the previous page
+//!   ended, and the pager finds the last records it read (its anchors) in the answer. Records
+//!   after the last anchor found are new, wherever the anchors moved: records leaving the
+//!   window before our position (the anchors move back) and records added before it (they move
+//!   forward) are both handled, with or without a `total`. If no anchor is found they moved by
+//!   more than the overlap: the pager steps back a page and looks again.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
 
-use backon::{ExponentialBuilder, Retryable};
+use jiff::tz::TimeZone;
 use reqwest::Url;
 use serde_json::Value;
 use tracing::warn;
 
-use super::auth::authorize;
-use crate::config::plan::{Pagination, RestPlan};
+use super::client::{Fetched, HttpClient};
+use crate::config::RestPlan;
+use crate::config::plan::PagingStyle;
 use crate::model::Entity;
+use crate::normalise::format_instant;
 use crate::sink::BoxFuture;
 use crate::source::{Page, Pager, SourceError, Window};
 
 /// How many times one window may step back before the run gives up on a broker whose data
 /// never holds still.
 const MAX_STEP_BACKS: u32 = 1_000;
-/// How much of an error body goes into a message.
-const ERROR_BODY_CHARS: usize = 300;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Style {
-    Unknown,
-    Cursor,
-    PageNumber,
+/// Where the next request goes.
+#[derive(Debug, Clone, PartialEq)]
+enum Position {
+    Page(u64),
+    Cursor(String),
+    Offset,
+    Link(Url),
+    Done,
 }
 
 pub struct RestPager<'a> {
-    client: &'a reqwest::Client,
+    http: &'a HttpClient,
     plan: &'a RestPlan,
-    broker: &'a str,
+    zone: &'a TimeZone,
     entity: Entity,
     window: Window,
-    style: Style,
-    page: u64,
-    cursor: Option<String>,
-    seen_cursors: HashSet<String>,
+    style: PagingStyle,
+    next: Position,
+    /// Cursors and links followed, to detect a broker that loops.
+    followed: HashSet<String>,
     total: Option<u64>,
     page_size: u64,
     step_backs: u32,
-    done: bool,
+    /// Offset style: records read so far in the broker's current order…
+    offset: u64,
+    /// …and the identities of the last `overlap` of them.
+    anchors: VecDeque<u64>,
 }
 
 impl<'a> RestPager<'a> {
     pub fn new(
-        client: &'a reqwest::Client,
+        http: &'a HttpClient,
         plan: &'a RestPlan,
-        broker: &'a str,
+        zone: &'a TimeZone,
         entity: Entity,
         window: Window,
     ) -> Self {
+        let style = plan.paging.style;
         RestPager {
-            client,
+            http,
             plan,
-            broker,
+            zone,
             entity,
             window,
-            style: match plan.pagination {
-                Pagination::Auto => Style::Unknown,
-                Pagination::PageNumber => Style::PageNumber,
+            style,
+            next: if style == PagingStyle::Offset {
+                Position::Offset
+            } else {
+                Position::Page(1)
             },
-            page: 1,
-            cursor: None,
-            seen_cursors: HashSet::new(),
+            followed: HashSet::new(),
             total: None,
             page_size: 0,
             step_backs: 0,
-            done: false,
+            offset: 0,
+            anchors: VecDeque::new(),
         }
     }
 
     fn url(&self) -> Url {
+        if let Position::Link(url) = &self.next {
+            return url.clone();
+        }
         let p = &self.plan.params;
         let mut url = self.plan.url(self.entity);
         {
             let mut q = url.query_pairs_mut();
-            q.append_pair(&p.per_page, &self.plan.per_page.to_string());
-            q.append_pair(&p.modified_from, &self.window.from.to_string());
+            let format = &self.plan.time_format;
+            q.append_pair(
+                &p.modified_from,
+                &format_instant(self.window.from, format, self.zone),
+            );
             if !p.modified_to.is_empty() {
-                q.append_pair(&p.modified_to, &self.window.to.to_string());
+                q.append_pair(
+                    &p.modified_to,
+                    &format_instant(self.window.to, format, self.zone),
+                );
             }
-            match &self.cursor {
-                Some(cursor) => q.append_pair(&p.cursor, cursor),
-                None => q.append_pair(&p.page, &self.page.to_string()),
-            };
+            let size = self.plan.per_page.to_string();
+            match &self.next {
+                Position::Page(n) => {
+                    q.append_pair(&p.per_page, &size);
+                    q.append_pair(&p.page, &n.to_string());
+                }
+                Position::Cursor(cursor) => {
+                    q.append_pair(&p.per_page, &size);
+                    q.append_pair(&p.cursor, cursor);
+                }
+                Position::Offset => {
+                    let from = self.offset - self.anchors.len() as u64;
+                    q.append_pair(&p.offset, &from.to_string());
+                    q.append_pair(&p.limit, &size);
+                }
+                Position::Link(_) | Position::Done => {}
+            }
         }
         url
     }
 
-    async fn fetch(&self, url: &Url) -> Result<Value, SourceError> {
-        let shown = url.to_string();
-        let transport = |e: reqwest::Error| SourceError::Transport {
-            url: shown.clone(),
-            message: error_chain(&e),
-        };
-        let request = authorize(self.client.get(url.clone()), &self.plan.auth)
-            .header(reqwest::header::ACCEPT, "application/json");
-        let response = request.send().await.map_err(transport)?;
-        let status = response.status();
-        let body = response.bytes().await.map_err(transport)?;
-        if !status.is_success() {
-            return Err(SourceError::Status {
-                url: shown,
-                status: status.as_u16(),
-                body: snippet(&body),
-            });
-        }
-        serde_json::from_slice(&body).map_err(|e| SourceError::BadPage {
-            url: shown,
-            message: format!("body is not JSON ({e}): {}", snippet(&body)),
-        })
-    }
-
-    /// Reads the envelope and decides what comes next.
-    fn advance(&mut self, url: &Url, body: Value) -> Result<Vec<Value>, SourceError> {
-        let bad = |message: String| SourceError::BadPage {
-            url: url.to_string(),
-            message,
-        };
-        let Value::Object(mut envelope) = body else {
-            return Err(bad("expected a JSON object with `data` and `meta`".into()));
-        };
-        let records = match envelope.remove("data") {
-            Some(Value::Array(records)) => records,
-            // A null or missing `data` on the last page means "nothing more" (dlt #2932).
+    /// Reads the page and decides what comes next.
+    fn advance(&mut self, url: &Url, fetched: Fetched) -> Result<Vec<Value>, SourceError> {
+        let paging = &self.plan.paging;
+        let shown = || self.http.shown(url);
+        let body = fetched.body;
+        let records = match body.pointer(&paging.records) {
+            Some(Value::Array(records)) => records.clone(),
+            // A null or missing record array on the last page means "nothing more" (dlt #2932).
             Some(Value::Null) | None => Vec::new(),
-            Some(_) => return Err(bad("`data` is not an array".into())),
+            Some(_) => {
+                return Err(SourceError::BadPage {
+                    url: shown(),
+                    message: format!("`{}` is not an array of records", paging.records),
+                });
+            }
         };
-        let meta = envelope.remove("meta").unwrap_or(Value::Null);
-        let total = meta.get("total").and_then(Value::as_u64);
-        let next_cursor = meta
-            .get("next_cursor")
+        let read = |pointer: &Option<String>| pointer.as_deref().and_then(|p| body.pointer(p));
+        let total = read(&paging.total).and_then(as_count);
+        let has_more = read(&paging.has_more).and_then(Value::as_bool);
+        let page_size = read(&paging.page_size).and_then(as_count);
+        let next_cursor = read(&paging.next_cursor)
             .and_then(Value::as_str)
-            .filter(|c| !c.is_empty());
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned);
 
-        if self.style == Style::Unknown {
-            self.style = if next_cursor.is_some() {
-                Style::Cursor
+        if self.style == PagingStyle::Auto {
+            self.style = if fetched.link_next.is_some() {
+                PagingStyle::Link
+            } else if next_cursor.is_some() {
+                PagingStyle::Cursor
             } else {
-                Style::PageNumber
+                PagingStyle::Page
             };
         }
-        match self.style {
-            Style::Cursor => self.follow_cursor(url, next_cursor, records.is_empty())?,
-            Style::PageNumber | Style::Unknown => {
-                let page_size = meta.get("per_page").and_then(Value::as_u64);
-                self.next_page_number(records.len() as u64, page_size, total)?;
-            }
-        }
-        Ok(records)
-    }
-
-    fn follow_cursor(
-        &mut self,
-        url: &Url,
-        next: Option<&str>,
-        empty: bool,
-    ) -> Result<(), SourceError> {
-        let Some(next) = next.filter(|_| !empty) else {
-            // No cursor, or a cursor with nothing behind it: the window is done.
-            self.done = true;
-            return Ok(());
-        };
-        if self.cursor.as_deref() == Some(next) {
-            // The answer to cursor X is the page that led to X: the broker ignores the cursor
-            // parameter and served page 1 again. Page numbers it is, from page 2.
-            warn!(
-                broker = self.broker,
-                parameter = %self.plan.params.cursor,
-                "The broker ignores the cursor parameter; paging by page number instead."
-            );
-            self.style = Style::PageNumber;
-            self.cursor = None;
-            self.page = 2;
-            return Ok(());
-        }
-        if !self.seen_cursors.insert(next.to_owned()) {
-            return Err(SourceError::Unstable {
-                url: url.to_string(),
-                message: format!(
-                    "next_cursor `{next}` was already followed: the broker's cursor loops"
-                ),
-            });
-        }
-        self.cursor = Some(next.to_owned());
-        Ok(())
-    }
-
-    fn next_page_number(
-        &mut self,
-        received: u64,
-        page_size: Option<u64>,
-        total: Option<u64>,
-    ) -> Result<(), SourceError> {
-        // The broker's page size: what it says, else the largest page it served (a broker may
-        // serve fewer records than asked for; stopping at `page × asked ≥ total` would then
-        // stop early).
+        let received = records.len() as u64;
+        // Some brokers serve fewer records than asked for; their page size is what they say,
+        // else the largest page they served.
         self.page_size = page_size
             .filter(|n| *n > 0)
             .unwrap_or(self.page_size.max(received))
             .max(1);
+        let finished = received == 0 || has_more == Some(false);
+        self.next = match self.style {
+            PagingStyle::Cursor | PagingStyle::Auto => match next_cursor {
+                _ if finished => Position::Done,
+                None => Position::Done,
+                Some(cursor) => self.follow_cursor(url, cursor)?,
+            },
+            PagingStyle::Link => match fetched.link_next {
+                _ if finished => Position::Done,
+                None => Position::Done,
+                Some(target) => self.follow_link(url, &target)?,
+            },
+            PagingStyle::Page => self.next_page_number(url, finished, total)?,
+            PagingStyle::Offset => self.next_offset(url, &records, finished, total)?,
+        };
+        Ok(records)
+    }
+
+    fn follow_cursor(&mut self, url: &Url, cursor: String) -> Result<Position, SourceError> {
+        if self.next == Position::Cursor(cursor.clone()) {
+            // The answer to cursor X is the page that led to X: the broker ignores the cursor
+            // parameter and served page 1 again. Page numbers it is, from page 2.
+            warn!(
+                parameter = %self.plan.params.cursor,
+                "The broker ignores the cursor parameter; paging by page number instead."
+            );
+            self.style = PagingStyle::Page;
+            return Ok(Position::Page(2));
+        }
+        if !self.followed.insert(cursor.clone()) {
+            return Err(self.unstable(
+                url,
+                format!("next cursor `{cursor}` was already followed: the broker's cursor loops"),
+            ));
+        }
+        Ok(Position::Cursor(cursor))
+    }
+
+    fn follow_link(&mut self, url: &Url, target: &str) -> Result<Position, SourceError> {
+        let next = url.join(target).map_err(|e| SourceError::BadPage {
+            url: self.http.shown(url),
+            message: format!("Link rel=\"next\" `{target}` is not a URL: {e}"),
+        })?;
+        if next.origin() != self.plan.base_url.origin() {
+            return Err(self.unstable(
+                url,
+                format!("Link rel=\"next\" points to another origin ({}); not following it with our credentials", next.origin().ascii_serialization()),
+            ));
+        }
+        if !self.followed.insert(next.to_string()) {
+            return Err(self.unstable(
+                url,
+                "Link rel=\"next\" points to a page already read: the broker's links loop".into(),
+            ));
+        }
+        Ok(Position::Link(next))
+    }
+
+    fn next_page_number(
+        &mut self,
+        url: &Url,
+        finished: bool,
+        total: Option<u64>,
+    ) -> Result<Position, SourceError> {
+        let Position::Page(page) = self.next else {
+            return Ok(Position::Done);
+        };
         if let (Some(was), Some(now)) = (self.total, total)
             && now < was
         {
-            self.step_backs += 1;
-            if self.step_backs > MAX_STEP_BACKS {
-                return Err(SourceError::Unstable {
-                    url: self.url().to_string(),
-                    message: format!(
-                        "records kept leaving the window while paging ({MAX_STEP_BACKS} times); \
-                         the cursor stays put and the next run tries again"
-                    ),
-                });
-            }
+            self.step_back(url)?;
             let back = (was - now).div_ceil(self.page_size);
             warn!(
-                broker = self.broker,
                 was,
                 now,
                 pages_back = back,
-                "Records left the window while paging by page number; re-reading the pages they shifted."
+                "Records left the window while paging; re-reading the pages they shifted."
             );
             self.total = Some(now);
-            self.page = self.page.saturating_sub(back).max(1);
-            return Ok(());
+            return Ok(Position::Page(page.saturating_sub(back).max(1)));
         }
         self.total = total.or(self.total);
-        let reached_total = self.total.is_some_and(|t| self.page * self.page_size >= t);
-        if received == 0 || reached_total {
-            self.done = true;
+        let reached_total = self.total.is_some_and(|t| page * self.page_size >= t);
+        Ok(if finished || reached_total {
+            Position::Done
         } else {
-            self.page += 1;
+            Position::Page(page + 1)
+        })
+    }
+
+    fn next_offset(
+        &mut self,
+        url: &Url,
+        records: &[Value],
+        finished: bool,
+        total: Option<u64>,
+    ) -> Result<Position, SourceError> {
+        let requested_from = self.offset - self.anchors.len() as u64;
+        let ids: Vec<u64> = records.iter().map(identity).collect();
+        // The last anchor found in the answer: everything after it is unread.
+        let found = self
+            .anchors
+            .iter()
+            .rev()
+            .find_map(|anchor| ids.iter().position(|id| id == anchor));
+        match found {
+            _ if self.anchors.is_empty() => {}
+            Some(_) => {}
+            None if requested_from == 0 => {
+                // Back at the start: everything here is read again, nothing can be behind it.
+            }
+            None => {
+                // The anchors moved by more than the overlap: look a page further back.
+                self.step_back(url)?;
+                warn!(
+                    offset = requested_from,
+                    "Records moved while paging by offset; stepping back a page."
+                );
+                let back = requested_from.saturating_sub(self.page_size);
+                self.offset = back + self.anchors.len() as u64;
+                return Ok(Position::Offset);
+            }
+        }
+        self.offset = requested_from + ids.len() as u64;
+        let overlap = (self.plan.paging.overlap as usize).min(self.plan.per_page as usize / 2);
+        for id in ids {
+            self.anchors.push_back(id);
+            if self.anchors.len() > overlap {
+                self.anchors.pop_front();
+            }
+        }
+        let new = records.len() - found.map_or(0, |p| p + 1);
+        let reached_total = total.is_some_and(|t| self.offset >= t);
+        Ok(
+            if finished || reached_total || (new == 0 && found.is_some()) {
+                Position::Done
+            } else {
+                Position::Offset
+            },
+        )
+    }
+
+    fn step_back(&mut self, url: &Url) -> Result<(), SourceError> {
+        self.step_backs += 1;
+        if self.step_backs > MAX_STEP_BACKS {
+            return Err(self.unstable(
+                url,
+                format!("records kept moving while paging ({MAX_STEP_BACKS} step-backs); the cursor stays put and the next run tries again"),
+            ));
         }
         Ok(())
+    }
+
+    fn unstable(&self, url: &Url, message: String) -> SourceError {
+        SourceError::Unstable {
+            url: self.http.shown(url),
+            message,
+        }
     }
 }
 
 impl Pager for RestPager<'_> {
     fn next_page(&mut self) -> BoxFuture<'_, Result<Option<Page>, SourceError>> {
         Box::pin(async move {
-            if self.done {
+            if self.next == Position::Done {
                 return Ok(None);
             }
             let url = self.url();
-            let backoff = ExponentialBuilder::default()
-                .with_jitter()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(10))
-                .with_max_times(4);
-            let body = (|| self.fetch(&url))
-                .retry(backoff)
-                .when(SourceError::is_retryable)
-                .notify(|e, after| {
-                    warn!(broker = self.broker, error = %e, retry_in = ?after, "Page request failed; retrying.");
-                })
-                .await?;
-            let records = self.advance(&url, body)?;
+            let fetched = self.http.get_json(&url).await?;
+            let records = self.advance(&url, fetched)?;
             Ok(Some(Page {
                 records,
-                origin: url.to_string(),
+                origin: self.http.shown(&url),
             }))
         })
     }
 }
 
-fn snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let mut cut: String = text.chars().take(ERROR_BODY_CHARS).collect();
-    if text.chars().count() > ERROR_BODY_CHARS {
-        cut.push('…');
-    }
-    cut.replace(['\n', '\r'], " ")
+fn as_count(value: &Value) -> Option<u64> {
+    value
+        .as_u64()
+        .or_else(|| value.as_str()?.trim().parse().ok())
 }
 
-/// reqwest's top-level message ("error sending request") hides the cause; show the chain.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
+/// A record's identity for offset anchors: its whole text, so a record that changed is a new
+/// record (it has moved in the order anyway).
+fn identity(record: &Value) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    record.to_string().hash(&mut hasher);
+    hasher.finish()
 }

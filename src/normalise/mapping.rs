@@ -1,0 +1,373 @@
+//! Declarative field mapping: per entity, each Track360 field from a path of the source record
+//! or a constant, through at most one converter.
+
+use std::collections::BTreeMap;
+
+use jiff::tz::TimeZone;
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+
+use super::pii::PiiPolicy;
+use super::time::parse_instant_as;
+use crate::config::plan::{TimeFormat, json_pointer};
+use crate::config::raw::{RawField, RawFieldRule};
+use crate::model::Entity;
+use crate::validate::parse_decimal;
+
+/// How one Track360 field is made.
+#[derive(Debug, Clone)]
+pub struct FieldRule {
+    pub field: &'static str,
+    pub source: FieldSource,
+    /// Used when the path is absent or null.
+    pub default: Option<Value>,
+    pub convert: Convert,
+}
+
+#[derive(Debug, Clone)]
+pub enum FieldSource {
+    /// A JSON pointer into the source record.
+    Path(String),
+    Const(Value),
+}
+
+#[derive(Debug, Clone)]
+pub enum Convert {
+    /// As it is.
+    Plain,
+    /// An instant in this format → RFC 3339 UTC (for `date`: the day in the connector's zone).
+    Time(TimeFormat),
+    /// A decimal (number or string) multiplied by this factor, exactly.
+    Scale(Decimal),
+    /// A code looked up in this map.
+    Map(BTreeMap<String, String>),
+}
+
+/// A connector's compiled mapping for every entity.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    rules: [Vec<FieldRule>; 3],
+    zone: TimeZone,
+    pub pii: PiiPolicy,
+}
+
+impl Mapping {
+    /// The `track360-standard` preset: every field from its own name.
+    pub fn standard(zone: TimeZone, pii: PiiPolicy) -> Mapping {
+        Mapping {
+            rules: Entity::ALL.map(|e| e.fields().iter().map(|f| identity(e, f)).collect()),
+            zone,
+            pii,
+        }
+    }
+
+    /// Compiles `[mapping.<entity>]` tables over the standard preset. Problems come back as
+    /// (key, message), every one of them.
+    pub fn compile(
+        raw: &BTreeMap<String, BTreeMap<String, RawField>>,
+        zone: TimeZone,
+        pii: PiiPolicy,
+    ) -> Result<Mapping, Vec<(String, String)>> {
+        let mut mapping = Mapping::standard(zone, pii);
+        let mut problems = Vec::new();
+        for (entity_name, fields) in raw {
+            let entity = match entity_name.parse::<Entity>() {
+                Ok(e) => e,
+                Err(e) => {
+                    problems.push((format!("mapping.{entity_name}"), e));
+                    continue;
+                }
+            };
+            for (field_name, raw_rule) in fields {
+                let key = format!("mapping.{entity_name}.{field_name}");
+                let Some(field) = entity.fields().iter().find(|f| *f == field_name) else {
+                    problems.push((
+                        key,
+                        format!(
+                            "`{field_name}` is not a Track360 field of {entity}: {}",
+                            entity.fields().join(", ")
+                        ),
+                    ));
+                    continue;
+                };
+                match compile_rule(entity, field, raw_rule) {
+                    Ok(rule) => {
+                        let slot = &mut mapping.rules[entity as usize];
+                        if let Some(existing) = slot.iter_mut().find(|r| r.field == rule.field) {
+                            *existing = rule;
+                        }
+                    }
+                    Err(message) => problems.push((key, message)),
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(mapping)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Maps one raw record to Track360 shape. Fields that could not be converted keep their
+    /// source value (so validation and quarantine keys still see it) and get a reason.
+    pub fn apply(&self, entity: Entity, raw: &Value) -> (Value, Vec<String>) {
+        if !raw.is_object() {
+            return (raw.clone(), Vec::new());
+        }
+        let mut out = Map::new();
+        let mut reasons = Vec::new();
+        for rule in &self.rules[entity as usize] {
+            let found = match &rule.source {
+                FieldSource::Path(pointer) => raw.pointer(pointer).filter(|v| !v.is_null()),
+                FieldSource::Const(value) => Some(value),
+            };
+            let Some(value) = found.or(rule.default.as_ref()) else {
+                continue;
+            };
+            match self.convert(rule, value) {
+                Ok(converted) => {
+                    out.insert(rule.field.to_owned(), converted);
+                }
+                Err(why) => {
+                    let from = match &rule.source {
+                        FieldSource::Path(p) => format!(" (from {p})"),
+                        FieldSource::Const(_) => String::new(),
+                    };
+                    reasons.push(format!("{}: `{}`{from} {why}", rule.field, clip(value)));
+                    out.insert(rule.field.to_owned(), value.clone());
+                }
+            }
+        }
+        (Value::Object(out), reasons)
+    }
+
+    /// Applies the PII policy to a raw record at the paths the PII fields come from, so that
+    /// quarantine keeps no personal data the policy drops or hashes.
+    pub fn redact_raw(&self, entity: Entity, raw: &mut Value) {
+        if !self.pii.applies_to(entity) {
+            return;
+        }
+        for rule in &self.rules[entity as usize] {
+            let FieldSource::Path(pointer) = &rule.source else {
+                continue;
+            };
+            let Some((parent, last)) = pointer.rsplit_once('/') else {
+                continue;
+            };
+            let name = last.replace("~1", "/").replace("~0", "~");
+            let parent = if parent.is_empty() {
+                Some(&mut *raw)
+            } else {
+                raw.pointer_mut(parent)
+            };
+            if let Some(Value::Object(object)) = parent
+                && let Some(value) = object.get_mut(&name)
+                && !self.pii.apply_value(rule.field, value)
+            {
+                object.remove(&name);
+            }
+        }
+    }
+
+    fn convert(&self, rule: &FieldRule, value: &Value) -> Result<Value, String> {
+        match &rule.convert {
+            Convert::Plain => Ok(value.clone()),
+            Convert::Time(format) => {
+                let ts = parse_instant_as(value, format, &self.zone)?;
+                if rule.field == "date" {
+                    Ok(Value::String(
+                        ts.to_zoned(self.zone.clone()).date().to_string(),
+                    ))
+                } else {
+                    Ok(Value::String(ts.to_string()))
+                }
+            }
+            Convert::Scale(factor) => {
+                let text = match value {
+                    Value::Number(n) => n.to_string(),
+                    Value::String(s) => s.trim().to_owned(),
+                    _ => return Err("is not a number".into()),
+                };
+                let number = parse_decimal(&text).ok_or("is not a decimal number")?;
+                let scaled = number.checked_mul(*factor).ok_or("overflows when scaled")?;
+                Ok(Value::String(scaled.normalize().to_string()))
+            }
+            Convert::Map(map) => {
+                let code = match value {
+                    Value::String(s) => s.clone(),
+                    Value::Number(_) | Value::Bool(_) => value.to_string(),
+                    _ => return Err("is not a code".into()),
+                };
+                map.get(&code)
+                    .map(|v| Value::String(v.clone()))
+                    .ok_or_else(|| "is not in the connector's enum map".to_owned())
+            }
+        }
+    }
+}
+
+fn identity(entity: Entity, field: &'static str) -> FieldRule {
+    let convert = if entity.timestamp_fields().contains(&field) {
+        Convert::Time(TimeFormat::Rfc3339)
+    } else {
+        Convert::Plain
+    };
+    FieldRule {
+        field,
+        source: FieldSource::Path(format!("/{field}")),
+        default: None,
+        convert,
+    }
+}
+
+fn compile_rule(entity: Entity, field: &'static str, raw: &RawField) -> Result<FieldRule, String> {
+    let rule = match raw {
+        RawField::Path(path) => RawFieldRule {
+            path: Some(path.clone()),
+            ..RawFieldRule::default()
+        },
+        RawField::Rule(rule) => rule.clone(),
+    };
+    let source = match (&rule.path, &rule.constant) {
+        (Some(path), None) => FieldSource::Path(json_pointer(path)?),
+        (None, Some(constant)) => FieldSource::Const(to_json(constant)?),
+        (None, None) => return Err("needs `path` or `const`".into()),
+        (Some(_), Some(_)) => return Err("takes `path` or `const`, not both".into()),
+    };
+    let default = rule.default.as_ref().map(to_json).transpose()?;
+    let converters = [
+        rule.time.is_some(),
+        rule.scale.is_some(),
+        rule.map.is_some(),
+    ];
+    if converters.iter().filter(|c| **c).count() > 1 {
+        return Err("takes at most one of `time`, `scale` and `enum`".into());
+    }
+    let convert = if let Some(time) = &rule.time {
+        if !(entity.timestamp_fields().contains(&field) || field == "date") {
+            return Err(format!(
+                "`time` applies to instants and `date`, not to `{field}`"
+            ));
+        }
+        Convert::Time(TimeFormat::parse(time)?)
+    } else if let Some(scale) = &rule.scale {
+        Convert::Scale(
+            parse_decimal(scale).ok_or_else(|| format!("scale `{scale}` is not a decimal"))?,
+        )
+    } else if let Some(map) = &rule.map {
+        Convert::Map(map.clone())
+    } else if entity.timestamp_fields().contains(&field) {
+        Convert::Time(TimeFormat::Rfc3339)
+    } else {
+        Convert::Plain
+    };
+    Ok(FieldRule {
+        field,
+        source,
+        default,
+        convert,
+    })
+}
+
+fn to_json(value: &toml::Value) -> Result<Value, String> {
+    serde_json::to_value(value).map_err(|e| format!("cannot use {value} as a value: {e}"))
+}
+
+fn clip(value: &Value) -> String {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    text.chars().take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn legacy() -> Mapping {
+        let raw: BTreeMap<String, BTreeMap<String, RawField>> = toml::from_str(
+            r#"
+            [transactions]
+            transaction_id = "ticket"
+            customer_id = { path = "/login" }
+            transaction_type = { path = "action", enum = { "2" = "deposit", "3" = "withdrawal" } }
+            amount = "amt"
+            currency = "ccy"
+            transaction_date = { path = "time", time = "epoch_s" }
+            status = { const = "approved" }
+            last_modified_date = { path = "meta.updated", time = "%Y.%m.%d %H:%M:%S" }
+            [trading_activity]
+            date = { path = "day", time = "epoch_ms" }
+            lots_traded = { path = "volume", scale = "0.0001" }
+            "#,
+        )
+        .unwrap();
+        Mapping::compile(
+            &raw,
+            TimeZone::get("Europe/Athens").unwrap(),
+            PiiPolicy::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_legacy_record_becomes_track360_shaped() {
+        let raw = json!({"ticket": 77, "login": 1001, "action": 2, "amt": "100.50", "ccy": "EUR",
+                         "time": 1767225600, "meta": {"updated": "2026.01.01 02:00:05"}});
+        let (out, reasons) = legacy().apply(Entity::Transactions, &raw);
+        assert!(reasons.is_empty(), "{reasons:?}");
+        assert_eq!(
+            out,
+            json!({"transaction_id": 77, "customer_id": 1001, "transaction_type": "deposit",
+                   "amount": "100.50", "currency": "EUR", "transaction_date": "2026-01-01T00:00:00Z",
+                   "status": "approved", "last_modified_date": "2026-01-01T00:00:05Z"})
+        );
+    }
+
+    #[test]
+    fn units_are_scaled_exactly_and_days_taken_in_the_zone() {
+        let raw = json!({"day": 1767222000000_i64, "volume": 12300});
+        let (out, _) = legacy().apply(Entity::TradingActivity, &raw);
+        assert_eq!(out["lots_traded"], "1.23");
+        // 2025-12-31T23:00:00Z is already 1 January in Athens.
+        assert_eq!(out["date"], "2026-01-01");
+    }
+
+    #[test]
+    fn conversion_failures_name_the_field_and_the_source() {
+        let raw = json!({"ticket": 1, "action": 99, "time": "yesterday"});
+        let (_, reasons) = legacy().apply(Entity::Transactions, &raw);
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("transaction_type: `99` (from /action)")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("transaction_date: `yesterday` (from /time)")),
+            "{reasons:?}"
+        );
+    }
+
+    #[test]
+    fn mapping_errors_name_the_entity_and_the_field() {
+        let raw: BTreeMap<String, BTreeMap<String, RawField>> = toml::from_str(
+            "[transactions]\nammount = \"amt\"\nstatus = { path = \"s\", const = \"x\" }\n[orders]\nid = \"id\"\n",
+        )
+        .unwrap();
+        let problems = Mapping::compile(&raw, TimeZone::UTC, PiiPolicy::default()).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "mapping.orders",
+                "mapping.transactions.ammount",
+                "mapping.transactions.status"
+            ]
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! One connector's HTTP client: every request waits for the rate limiter, carries the
+//! connector's credentials, and is retried with exponential backoff and jitter on connection
+//! errors, timeouts, 5xx and 429 (honouring `Retry-After`) within a bounded total time.
+
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::header::{ACCEPT, HeaderMap, LINK, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
+use serde_json::Value;
+use tracing::warn;
+
+use super::auth::Auth;
+use crate::config::RestPlan;
+use crate::config::plan::RateLimit;
+use crate::source::SourceError;
+
+/// How much of an error body goes into a message.
+const ERROR_BODY_CHARS: usize = 300;
+
+/// A page as received: its JSON body and the `Link: rel="next"` target, if any.
+pub struct Fetched {
+    pub body: Value,
+    pub link_next: Option<String>,
+}
+
+pub struct HttpClient {
+    client: reqwest::Client,
+    auth: Auth,
+    limiter: DefaultDirectRateLimiter,
+    max_retry_time: Duration,
+    broker: String,
+}
+
+impl HttpClient {
+    pub fn new(broker: &str, plan: &RestPlan) -> Result<HttpClient, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("t360-connector/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(plan.connect_timeout)
+            // A total deadline per page, body included: a stalled broker fails the attempt
+            // instead of hanging the run.
+            .timeout(plan.timeout)
+            // Shorter than the 60–75 s idle timeout of common load balancers, which otherwise
+            // close pooled connections under us (hyper #2136).
+            .pool_idle_timeout(Duration::from_secs(30))
+            // A redirect could carry the credentials to another host.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(HttpClient {
+            auth: Auth::new(&plan.auth, &client),
+            client,
+            limiter: RateLimiter::direct(quota(plan.rate_limit)),
+            max_retry_time: plan.max_retry_time,
+            broker: broker.to_owned(),
+        })
+    }
+
+    /// The URL as logs and errors show it (secrets redacted).
+    pub fn shown(&self, url: &Url) -> String {
+        self.auth.shown(url)
+    }
+
+    /// GETs `url` and parses the JSON body, retrying what may pass.
+    pub fn get_json<'a>(
+        &'a self,
+        url: &'a Url,
+    ) -> crate::sink::BoxFuture<'a, Result<Fetched, SourceError>> {
+        Box::pin(self.get_json_inner(url))
+    }
+
+    async fn get_json_inner(&self, url: &Url) -> Result<Fetched, SourceError> {
+        let started = Instant::now();
+        let budget = self.max_retry_time;
+        let backoff = ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(30))
+            .without_max_times()
+            .with_total_delay(Some(budget));
+        let refreshed = std::sync::atomic::AtomicBool::new(false);
+        let broker = self.broker.as_str();
+        (|| async { self.attempt(url, &refreshed).await })
+            .retry(backoff)
+            .when(|e: &SourceError| e.is_retryable() && started.elapsed() < budget)
+            // The broker's Retry-After wins over our backoff, within what is left of the budget.
+            .adjust(|e: &SourceError, ours| {
+                let left = budget.saturating_sub(started.elapsed());
+                e.retry_after().map(|asked| asked.min(left)).or(ours)
+            })
+            .notify(|e: &SourceError, after: Duration| {
+                warn!(broker = %broker, error = %e, retry_in_ms = after.as_millis() as u64, "Request failed; retrying.");
+            })
+            .await
+    }
+
+    async fn attempt(
+        &self,
+        url: &Url,
+        refreshed: &std::sync::atomic::AtomicBool,
+    ) -> Result<Fetched, SourceError> {
+        use std::sync::atomic::Ordering;
+        self.limiter.until_ready().await;
+        let shown = self.shown(url);
+        let transport = |e: reqwest::Error| SourceError::Transport {
+            url: shown.clone(),
+            message: error_chain(&e),
+        };
+        let request = self
+            .client
+            .get(self.auth.url(url))
+            .header(ACCEPT, "application/json");
+        let (request, token) = self.auth.apply(request).await?;
+        let response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.map_err(transport)?;
+        if status == StatusCode::UNAUTHORIZED
+            && !refreshed.swap(true, Ordering::Relaxed)
+            && self.auth.refused(token.as_ref()).await
+        {
+            // The token was revoked or expired early: one retry with a new one.
+            return Err(SourceError::Transport {
+                url: shown,
+                message: "HTTP 401: token refused; fetching a new one".into(),
+            });
+        }
+        if !status.is_success() {
+            return Err(SourceError::Status {
+                url: shown,
+                status: status.as_u16(),
+                body: snippet(&body),
+                retry_after: retry_after(&headers),
+            });
+        }
+        let body = serde_json::from_slice(&body).map_err(|e| SourceError::BadPage {
+            url: shown.clone(),
+            message: format!("body is not JSON ({e}): {}", snippet(&body)),
+        })?;
+        Ok(Fetched {
+            body,
+            link_next: link_next(&headers),
+        })
+    }
+}
+
+/// At most `limit.requests` in any window of `limit.per`: a small burst, then even spacing,
+/// with burst + refills in one window never above the limit.
+fn quota(limit: RateLimit) -> Quota {
+    let burst = (limit.requests / 20).max(1);
+    let refills = limit.requests.saturating_sub(burst).max(1);
+    let period = (limit.per / refills).max(Duration::from_micros(1));
+    Quota::with_period(period)
+        .expect("period is positive")
+        .allow_burst(NonZeroU32::new(burst).expect("burst is positive"))
+}
+
+/// `Retry-After` in seconds or as an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = jiff::fmt::rfc2822::parse(text).ok()?.timestamp();
+    let wait = at.duration_since(jiff::Timestamp::now());
+    Some(wait.try_into().unwrap_or(Duration::ZERO))
+}
+
+/// The target of `Link: <…>; rel="next"`.
+fn link_next(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(parse_link_next)
+}
+
+pub fn parse_link_next(header: &str) -> Option<String> {
+    let mut rest = header;
+    while let Some(open) = rest.find('<') {
+        let close = rest[open..].find('>')? + open;
+        let target = &rest[open + 1..close];
+        let params_end = rest[close..].find('<').map_or(rest.len(), |i| i + close);
+        let params = &rest[close + 1..params_end];
+        let is_next = params.split(';').any(|p| {
+            let p = p.trim().trim_end_matches(',').trim();
+            p.strip_prefix("rel=")
+                .map(|v| {
+                    v.trim_matches('"')
+                        .split_whitespace()
+                        .any(|r| r.eq_ignore_ascii_case("next"))
+                })
+                .unwrap_or(false)
+        });
+        if is_next {
+            return Some(target.to_owned());
+        }
+        rest = &rest[params_end..];
+    }
+    None
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut cut: String = text.chars().take(ERROR_BODY_CHARS).collect();
+    if text.chars().count() > ERROR_BODY_CHARS {
+        cut.push('…');
+    }
+    cut.replace(['\n', '\r'], " ")
+}
+
+/// reqwest's top-level message ("error sending request") hides the cause; show the chain.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_headers_yield_their_next_target() {
+        let h =
+            r#"<https://b.example/x?page=1>; rel="prev", <https://b.example/x?page=3>; rel="next""#;
+        assert_eq!(
+            parse_link_next(h).as_deref(),
+            Some("https://b.example/x?page=3")
+        );
+        assert_eq!(
+            parse_link_next(r#"<https://b.example/x?page=9>; rel="last""#),
+            None
+        );
+        assert_eq!(
+            parse_link_next("</x?p=2>; rel=next").as_deref(),
+            Some("/x?p=2")
+        );
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(
+            RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(
+            retry_after(&h),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+    }
+
+    #[test]
+    fn the_quota_never_allows_more_than_the_limit_in_a_window() {
+        for (requests, per) in [(1000, 60), (50, 1), (7, 60), (1, 60)] {
+            let limit = RateLimit {
+                requests,
+                per: Duration::from_secs(per),
+            };
+            let q = quota(limit);
+            let burst = q.burst_size().get();
+            // In any half-open window of `per`: the burst, then one per interval.
+            let in_window =
+                burst as u128 + (limit.per.as_nanos() - 1) / q.replenish_interval().as_nanos();
+            assert!(
+                in_window <= requests as u128,
+                "{requests}/{per}s allows {in_window}"
+            );
+        }
+    }
+}
