@@ -12,7 +12,7 @@ use crate::cli::{BackfillArgs, QuarantineArgs, SampleBrokerArgs, SyncArgs};
 use crate::config::{self, ConnectorPlan, Loaded, SourcePlan, plan::parse_instant};
 use crate::engine::Runner;
 use crate::model::Entity;
-use crate::sample_broker::{Dataset, DatasetSpec, Paging, SampleBroker};
+use crate::sample_broker::{Dataset, DatasetSpec, OAuthClient, Paging, SampleBroker};
 use crate::sink::EmbeddedSink;
 use crate::source::Source;
 use crate::source::rest::RestSource;
@@ -292,9 +292,18 @@ async fn start_sample_broker(args: &SampleBrokerArgs) -> anyhow::Result<SampleBr
     } else {
         Paging::Cursor
     };
-    SampleBroker::start(args.listen, sample_data(args), paging, None)
+    let broker = SampleBroker::start(args.listen, sample_data(args), paging, None)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    // The legacy API sits behind OAuth2 (connectors/legacy-broker.toml). This is the sample's
+    // own made-up credential, not a secret of anyone's.
+    broker.enable_oauth(OAuthClient {
+        client_id: "sample-client".into(),
+        client_secret: std::env::var("SAMPLE_BROKER_CLIENT_SECRET")
+            .unwrap_or_else(|_| SAMPLE_CLIENT_SECRET.into()),
+        ttl: std::time::Duration::from_secs(3600),
+    });
+    Ok(broker)
 }
 
 /// `sample-broker`: serves until interrupted.
@@ -305,6 +314,20 @@ pub async fn sample_broker(args: &SampleBrokerArgs) -> anyhow::Result<()> {
         .await
         .context("waiting for Ctrl-C")?;
     Ok(())
+}
+
+/// The sample broker's made-up OAuth2 client secret, which `connectors/legacy-broker.toml` reads
+/// from `LEGACY_BROKER_CLIENT_SECRET`.
+pub const SAMPLE_CLIENT_SECRET: &str = "sample-secret";
+
+/// For `demo` only, before any thread starts: gives the legacy sample connector the sample
+/// broker's credential unless the caller set one.
+pub fn demo_credentials() {
+    if std::env::var_os("LEGACY_BROKER_CLIENT_SECRET").is_none() {
+        // SAFETY: called from `main` before the runtime or any other thread exists, so nothing
+        // reads the environment concurrently.
+        unsafe { std::env::set_var("LEGACY_BROKER_CLIENT_SECRET", SAMPLE_CLIENT_SECRET) };
+    }
 }
 
 /// `demo`: the sample broker, one sync of every connector against it, then the status table.

@@ -287,7 +287,7 @@ impl SplitMix {
 
 /// A bijective mix of `x` (SplitMix64's finaliser): distinct inputs give distinct outputs, so
 /// generated ids never collide and look random against `last_modified_date`.
-fn scramble(seed: u64, x: u64) -> u64 {
+pub fn scramble(seed: u64, x: u64) -> u64 {
     let mut z = x ^ seed.rotate_left(17);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -1,25 +1,29 @@
 //! The bundled sample broker: serves the Track360 guide's recommended API
 //! (`GET /api/v1/forex/{customers,transactions,trading-activity}`, `{data, meta}` envelope,
-//! `page`/`per_page` up to 500, `next_cursor`, a `last_modified_date` window) from a
-//! deterministic data set, on loopback.
+//! `page`/`per_page` up to 500, `next_cursor`, a `last_modified_date` window) and a legacy
+//! API over the same records (`legacy.rs`), from a deterministic data set, on loopback.
 //!
 //! It is the newcomer's first broker (`t360-connector sample-broker`) and the tests' mock: tests
-//! change its data while the daemon pages (mutations, late records, ties, invalid records) and
-//! compare the store with it.
+//! change its data while the daemon pages (mutations, late records, ties, invalid records),
+//! inject faults (5xx, 429 with `Retry-After`, connection resets, truncated JSON, slow answers,
+//! a rate limit, revoked OAuth2 tokens) and compare the store with it.
 
 pub mod data;
+pub mod legacy;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use base64::Engine;
 use jiff::Timestamp;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -32,7 +36,7 @@ use crate::model::Entity;
 const MAX_PER_PAGE: usize = 500;
 const DEFAULT_PER_PAGE: usize = 50;
 
-/// How the sample broker pages.
+/// How the standard API pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Paging {
     /// `meta.next_cursor` is a keyset position on (`last_modified_date`, key).
@@ -41,10 +45,60 @@ pub enum Paging {
     PageNumber,
     /// Sends a `next_cursor` but ignores the cursor parameter: pages by number only.
     IgnoredCursor,
+    /// Page numbers, with the next page's URL in a `Link: <…>; rel="next"` header only.
+    Link,
+}
+
+/// Random faults, each a probability per request (0.0–1.0), decided by a seeded sequence so
+/// that a run is repeatable.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// 503 Service Unavailable.
+    pub server_errors: f64,
+    /// 429 with `Retry-After: 1`.
+    pub throttles: f64,
+    /// The connection is dropped halfway through the body.
+    pub resets: f64,
+    /// A 200 whose JSON body is cut short.
+    pub truncations: f64,
+    /// Answers delayed by `slow_by`.
+    pub slow: f64,
+    pub slow_by: Duration,
+}
+
+/// OAuth 2.0 client credentials the token endpoint accepts, and its tokens' lifetime.
+#[derive(Debug, Clone)]
+pub struct OAuthClient {
+    pub client_id: String,
+    pub client_secret: String,
+    pub ttl: Duration,
+}
+
+/// What the broker saw, for tests to check the client's manners.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// 429s sent because the client went over the rate limit.
+    pub throttled: u64,
+    /// The most requests seen in any one rate-limit window.
+    pub max_in_window: usize,
+    pub tokens_issued: u64,
+    /// Requests refused for a missing, expired or revoked token.
+    pub unauthorized: u64,
 }
 
 /// A test's hook, run after the broker served the `after`-th request for `entity`.
 type Hook = Box<dyn FnOnce(&mut Dataset) + Send>;
+
+struct RateWindow {
+    limit: usize,
+    window: Duration,
+    seen: VecDeque<Instant>,
+}
+
+struct OAuthState {
+    client: OAuthClient,
+    tokens: HashMap<String, Instant>,
+}
 
 struct Shared {
     data: Mutex<Dataset>,
@@ -57,6 +111,13 @@ struct Shared {
     failures: Mutex<[(u32, u16); 3]>,
     /// A page size the broker silently caps `per_page` to, leaving `meta.per_page` out.
     cap: Mutex<Option<usize>>,
+    faults: Mutex<Faults>,
+    dice: AtomicU64,
+    rate: Mutex<Option<RateWindow>>,
+    oauth: Mutex<Option<OAuthState>>,
+    /// A header, or (with a `?` prefix) a query parameter, every request must carry.
+    required: Mutex<Option<(String, String)>>,
+    observed: Mutex<Observed>,
 }
 
 /// A running sample broker. Dropping it does not stop the server; the runtime does.
@@ -85,9 +146,17 @@ impl SampleBroker {
             hooks: Mutex::new(Vec::new()),
             failures: Mutex::new([(0, 200); 3]),
             cap: Mutex::new(None),
+            faults: Mutex::new(Faults::default()),
+            dice: AtomicU64::new(0),
+            rate: Mutex::new(None),
+            oauth: Mutex::new(None),
+            required: Mutex::new(None),
+            observed: Mutex::new(Observed::default()),
         });
         let app = Router::new()
-            .route("/api/v1/forex/{entity}", get(list))
+            .route("/api/v1/forex/{entity}", get(standard))
+            .route("/legacy/v2/{entity}", get(legacy_list))
+            .route("/oauth/token", post(token_endpoint))
             .with_state(Arc::clone(&shared));
         tokio::spawn(async move {
             // Serves until the runtime shuts down; an accept error ends only this server.
@@ -121,7 +190,7 @@ impl SampleBroker {
         lock(&self.shared.hooks).push((entity, after, Box::new(hook)));
     }
 
-    /// Requests answered so far for `entity`.
+    /// Requests answered with data so far for `entity`.
     pub fn requests(&self, entity: Entity) -> u64 {
         self.shared.requests[entity as usize].load(Ordering::SeqCst)
     }
@@ -144,13 +213,51 @@ impl SampleBroker {
     pub fn set_paging(&self, paging: Paging) {
         *lock(&self.shared.paging) = paging;
     }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *lock(&self.shared.faults) = faults;
+    }
+
+    /// Answers 429 (with `Retry-After`) to any request beyond `limit` in a sliding `window`.
+    pub fn set_rate_limit(&self, limit: usize, window: Duration) {
+        *lock(&self.shared.rate) = Some(RateWindow {
+            limit,
+            window,
+            seen: VecDeque::new(),
+        });
+    }
+
+    /// Requires OAuth2 bearer tokens from `POST /oauth/token` on the legacy API.
+    pub fn enable_oauth(&self, client: OAuthClient) {
+        *lock(&self.shared.oauth) = Some(OAuthState {
+            client,
+            tokens: HashMap::new(),
+        });
+    }
+
+    /// Requires header `name` (or, as `?name`, query parameter `name`) to be `value`: an API
+    /// key, or `authorization` for HTTP basic.
+    pub fn require(&self, name: &str, value: &str) {
+        *lock(&self.shared.required) = Some((name.to_ascii_lowercase(), value.to_owned()));
+    }
+
+    /// Revokes every token issued so far (they answer 401 from now on).
+    pub fn revoke_tokens(&self) {
+        if let Some(oauth) = lock(&self.shared.oauth).as_mut() {
+            oauth.tokens.clear();
+        }
+    }
+
+    pub fn observed(&self) -> Observed {
+        lock(&self.shared.observed).clone()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn list(
+async fn standard(
     State(shared): State<Arc<Shared>>,
     Path(segment): Path<String>,
     Query(query): Query<HashMap<String, String>>,
@@ -159,33 +266,270 @@ async fn list(
     let Some(entity) = Entity::ALL.into_iter().find(|e| e.api_segment() == segment) else {
         return error(StatusCode::NOT_FOUND, "no such endpoint");
     };
-    if let Some(token) = &shared.token {
-        let expected = format!("Bearer {token}");
-        if headers.get("authorization").and_then(|h| h.to_str().ok()) != Some(expected.as_str()) {
-            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-        }
+    let path = format!("/api/v1/forex/{segment}");
+    serve(&shared, entity, Api::Standard, &headers, &query, |s| {
+        answer(s, entity, &path, &query)
+    })
+    .await
+}
+
+async fn legacy_list(
+    State(shared): State<Arc<Shared>>,
+    Path(segment): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(entity) = Entity::ALL
+        .into_iter()
+        .find(|e| legacy::segment(*e) == segment)
+    else {
+        return error(StatusCode::NOT_FOUND, "no such endpoint");
+    };
+    serve(&shared, entity, Api::Legacy, &headers, &query, |s| {
+        let number = |name: &str| -> Result<Option<i64>, String> {
+            query
+                .get(name)
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| format!("`{name}` must be an integer"))
+                })
+                .transpose()
+        };
+        let millis = |name: &str| -> Result<Option<Timestamp>, String> {
+            number(name)?
+                .map(|ms| Timestamp::from_millisecond(ms).map_err(|e| e.to_string()))
+                .transpose()
+        };
+        let from = millis("from")?.unwrap_or(Timestamp::MIN);
+        let to = millis("to")?.unwrap_or(Timestamp::MAX);
+        let offset = number("offset")?.unwrap_or(0).max(0) as usize;
+        let limit = number("limit")?.unwrap_or(100).clamp(1, 1000) as usize;
+        let data = lock(&s.data);
+        Ok((
+            legacy::page(data.table(entity), entity, from, to, offset, limit),
+            None,
+        ))
+    })
+    .await
+}
+
+/// Everything a list request goes through: rate limit, auth, injected faults, the answer,
+/// and the hooks of tests.
+async fn serve(
+    shared: &Shared,
+    entity: Entity,
+    api: Api,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    answer: impl FnOnce(&Shared) -> Result<(Value, Option<String>), String>,
+) -> Response {
+    if let Some(wait) = over_rate_limit(shared) {
+        lock(&shared.observed).throttled += 1;
+        return throttle(wait);
     }
-    if let Some(status) = take_failure(&shared, entity) {
+    if let Err(why) = authorize(shared, api, headers, query) {
+        lock(&shared.observed).unauthorized += 1;
+        return error(StatusCode::UNAUTHORIZED, why);
+    }
+    if let Some(status) = take_failure(shared, entity) {
         return error(status, "injected failure");
     }
+    let faults = *lock(&shared.faults);
+    let roll = || {
+        // A repeatable sequence of dice: request n always rolls the same numbers.
+        let n = shared.dice.fetch_add(1, Ordering::SeqCst);
+        (data::scramble(0xfa17, n) % 1_000_000) as f64 / 1_000_000.0
+    };
+    if roll() < faults.server_errors {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "injected 503");
+    }
+    if roll() < faults.throttles {
+        return throttle(Duration::from_secs(1));
+    }
+    if roll() < faults.slow {
+        tokio::time::sleep(faults.slow_by).await;
+    }
+    let reset = roll() < faults.resets;
+    let truncate = roll() < faults.truncations;
     let delay = *lock(&shared.delay);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let body = match answer(&shared, entity, &query) {
-        Ok(body) => body,
+    let (body, link) = match answer(shared) {
+        Ok(answer) => answer,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
     let served = shared.requests[entity as usize].fetch_add(1, Ordering::SeqCst) + 1;
-    run_hooks(&shared, entity, served);
-    (StatusCode::OK, axum::Json(body)).into_response()
+    run_hooks(shared, entity, served);
+    let text = body.to_string();
+    if reset {
+        // Half the body, then the connection drops: the client sees an incomplete message.
+        let half = text.as_bytes()[..text.len() / 2].to_vec();
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            vec![Ok(half), Err(std::io::Error::other("injected reset"))];
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from_stream(futures_util::stream::iter(chunks)),
+        )
+            .into_response();
+    }
+    if truncate {
+        let cut = text[..text.len() / 3].to_owned();
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            cut,
+        )
+            .into_response();
+    }
+    let mut response = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        text,
+    )
+        .into_response();
+    if let Some(link) = link.and_then(|l| header::HeaderValue::from_str(&l).ok()) {
+        response.headers_mut().insert(header::LINK, link);
+    }
+    response
+}
+
+fn over_rate_limit(shared: &Shared) -> Option<Duration> {
+    let mut rate = lock(&shared.rate);
+    let rate = rate.as_mut()?;
+    let now = Instant::now();
+    while rate
+        .seen
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= rate.window)
+    {
+        rate.seen.pop_front();
+    }
+    if rate.seen.len() >= rate.limit {
+        let oldest = *rate.seen.front()?;
+        return Some(rate.window.saturating_sub(now.duration_since(oldest)));
+    }
+    rate.seen.push_back(now);
+    let mut observed = lock(&shared.observed);
+    observed.max_in_window = observed.max_in_window.max(rate.seen.len());
+    None
+}
+
+/// Which API a request is for: OAuth2, when enabled, guards the legacy one.
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Standard,
+    Legacy,
+}
+
+fn authorize(
+    shared: &Shared,
+    api: Api,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Result<(), &'static str> {
+    if let Some((name, value)) = lock(&shared.required).as_ref() {
+        let given = match name.strip_prefix('?') {
+            Some(param) => query.get(param).map(String::as_str),
+            None => headers.get(name.as_str()).and_then(|h| h.to_str().ok()),
+        };
+        if given != Some(value.as_str()) {
+            return Err("missing or wrong credentials");
+        }
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    if let Some(oauth) = lock(&shared.oauth).as_ref().filter(|_| api == Api::Legacy) {
+        let valid = bearer
+            .and_then(|t| oauth.tokens.get(t))
+            .is_some_and(|expires| Instant::now() < *expires);
+        return if valid {
+            Ok(())
+        } else {
+            Err("missing, expired or revoked token")
+        };
+    }
+    match &shared.token {
+        Some(token) if bearer != Some(token.as_str()) => Err("missing or wrong bearer token"),
+        _ => Ok(()),
+    }
+}
+
+/// `POST /oauth/token`: client credentials in a Basic header or the form body.
+async fn token_endpoint(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect();
+    let from_header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|pair| {
+            let (id, secret) = pair.split_once(':')?;
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+            };
+            Some((decode(id)?, decode(secret)?))
+        });
+    let credentials = from_header.or_else(|| {
+        Some((
+            form.get("client_id")?.clone(),
+            form.get("client_secret")?.clone(),
+        ))
+    });
+    let mut oauth = lock(&shared.oauth);
+    let Some(oauth) = oauth.as_mut() else {
+        return error(StatusCode::NOT_FOUND, "this broker has no OAuth2");
+    };
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": "unsupported_grant_type"})),
+        )
+            .into_response();
+    }
+    let expected = (
+        oauth.client.client_id.clone(),
+        oauth.client.client_secret.clone(),
+    );
+    if credentials.as_ref() != Some(&expected) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "invalid_client"})),
+        )
+            .into_response();
+    }
+    let mut observed = lock(&shared.observed);
+    observed.tokens_issued += 1;
+    let token = format!(
+        "tok-{}-{}",
+        observed.tokens_issued,
+        data::scramble(7, observed.tokens_issued)
+    );
+    oauth
+        .tokens
+        .insert(token.clone(), Instant::now() + oauth.client.ttl);
+    axum::Json(json!({"access_token": token, "token_type": "bearer", "expires_in": oauth.client.ttl.as_secs()}))
+        .into_response()
 }
 
 fn answer(
     shared: &Shared,
     entity: Entity,
+    path: &str,
     query: &HashMap<String, String>,
-) -> Result<Value, String> {
+) -> Result<(Value, Option<String>), String> {
     let number = |name: &str, default: usize| -> Result<usize, String> {
         query.get(name).map_or(Ok(default), |v| {
             v.parse()
@@ -238,10 +582,23 @@ fn answer(
     if cap.is_some() {
         meta.as_object_mut().map(|m| m.remove("per_page"));
     }
-    Ok(json!({
+    let link = (paging == Paging::Link && more).then(|| {
+        let mut next: Vec<(String, String)> = query
+            .iter()
+            .filter(|(k, _)| k.as_str() != "page")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        next.push(("page".into(), (page + 1).to_string()));
+        let query: String = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(next)
+            .finish();
+        format!("<{path}?{query}>; rel=\"next\"")
+    });
+    let body = json!({
         "data": rows.into_iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
         "meta": meta,
-    }))
+    });
+    Ok((body, link))
 }
 
 fn take_failure(shared: &Shared, entity: Entity) -> Option<StatusCode> {
@@ -279,6 +636,16 @@ fn decode_cursor(cursor: &str) -> Result<(Timestamp, String), String> {
     let nanos: i128 = nanos.parse().map_err(|_| bad())?;
     let modified = Timestamp::from_nanosecond(nanos).map_err(|_| bad())?;
     Ok((modified, key.to_owned()))
+}
+
+fn throttle(wait: Duration) -> Response {
+    let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, seconds.to_string())],
+        axum::Json(json!({"error": "rate limit exceeded"})),
+    )
+        .into_response()
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

@@ -171,6 +171,38 @@ backfill_slice = "{slice}"
 
     /// Every stored row of `entity`, by natural key, without the `broker` column.
     pub fn rows(&self, entity: Entity) -> BTreeMap<String, Row> {
+        self.rows_of(BROKER, entity)
+    }
+
+    /// Writes another connector file into the connectors folder.
+    pub fn add_connector(&self, name: &str, text: &str) {
+        let path = self
+            .dir
+            .path()
+            .join("connectors")
+            .join(format!("{name}.toml"));
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// The shipped legacy example connector, pointed at this env's sample broker.
+    pub fn legacy_connector(&self) -> String {
+        let shipped = include_str!("../../connectors/legacy-broker.toml");
+        shipped
+            .replace("http://127.0.0.1:8700", &self.broker.base_url())
+            .replace("rate_limit = \"1000/min\"", "rate_limit = \"5000/s\"")
+            .replace("max_retry_time = \"2m\"", "max_retry_time = \"5s\"")
+    }
+
+    pub async fn sync_broker(&self, broker: &str) -> anyhow::Result<()> {
+        let args = SyncArgs {
+            broker: Some(broker.into()),
+            entity: None,
+        };
+        commands::sync(Some(&self.config), &args).await
+    }
+
+    /// Every stored row of `entity` of `broker`.
+    pub fn rows_of(&self, broker: &str, entity: Entity) -> BTreeMap<String, Row> {
         let conn = self.open();
         let mut stmt = conn
             .prepare(&format!(
@@ -180,7 +212,7 @@ backfill_slice = "{slice}"
             .unwrap();
         let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
         let rows = stmt
-            .query_map([BROKER], |r| {
+            .query_map([broker], |r| {
                 let mut row = Row::new();
                 for (i, column) in columns.iter().enumerate() {
                     if column != "broker" {
@@ -202,10 +234,14 @@ backfill_slice = "{slice}"
     }
 
     pub fn cursor(&self, entity: Entity) -> Option<String> {
+        self.cursor_of(BROKER, entity)
+    }
+
+    pub fn cursor_of(&self, broker: &str, entity: Entity) -> Option<String> {
         self.open()
             .query_row(
                 "SELECT cursor FROM checkpoints WHERE broker = ?1 AND entity = ?2",
-                [BROKER, entity.as_str()],
+                [broker, entity.as_str()],
                 |r| r.get(0),
             )
             .ok()

@@ -57,9 +57,9 @@ impl HttpClient {
         })
     }
 
-    /// The URL as logs and errors show it (secrets redacted).
+    /// The URL as logs and errors show it: as sent, with secret values redacted.
     pub fn shown(&self, url: &Url) -> String {
-        self.auth.shown(url)
+        self.auth.shown(&self.auth.url(url))
     }
 
     /// GETs `url` and parses the JSON body, retrying what may pass.
@@ -103,9 +103,11 @@ impl HttpClient {
         use std::sync::atomic::Ordering;
         self.limiter.until_ready().await;
         let shown = self.shown(url);
+        // reqwest puts the URL in its messages; ours may hold an API key, and `shown` already
+        // says where, redacted.
         let transport = |e: reqwest::Error| SourceError::Transport {
             url: shown.clone(),
-            message: error_chain(&e),
+            message: error_chain(&e.without_url()),
         };
         let request = self
             .client

@@ -312,15 +312,16 @@ impl<'a> RestPager<'a> {
                 self.anchors.pop_front();
             }
         }
+        // A short page with nothing new is the end; a full one is not: we may have stepped
+        // back onto records already read.
         let new = records.len() - found.map_or(0, |p| p + 1);
+        let short = (records.len() as u64) < self.page_size.min(u64::from(self.plan.per_page));
         let reached_total = total.is_some_and(|t| self.offset >= t);
-        Ok(
-            if finished || reached_total || (new == 0 && found.is_some()) {
-                Position::Done
-            } else {
-                Position::Offset
-            },
-        )
+        Ok(if finished || reached_total || (new == 0 && short) {
+            Position::Done
+        } else {
+            Position::Offset
+        })
     }
 
     fn step_back(&mut self, url: &Url) -> Result<(), SourceError> {

@@ -1,0 +1,456 @@
+//! Any broker's REST API: field mapping, paging styles, auth, and faults, against the sample
+//! broker's standard and legacy APIs over loopback.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use jiff::{SignedDuration, Timestamp};
+use rust_decimal::Decimal;
+use serde_json::json;
+use support::*;
+use t360_connector::model::Entity;
+use t360_connector::sample_broker::{Faults, OAuthClient};
+
+const LEGACY: &str = "legacy-broker";
+const SECRET: &str = "legacy-client-secret-0f9e";
+
+/// An env whose sample broker speaks OAuth2 on its legacy API, with the shipped legacy
+/// connector (client secret in a file) beside the standard one.
+async fn legacy_env(data: Dataset, ttl: Duration, tweak: impl Fn(String) -> String) -> Env {
+    let env = Env::start(data, Paging::Cursor, Connector::default()).await;
+    env.broker.enable_oauth(OAuthClient {
+        client_id: "sample-client".into(),
+        client_secret: SECRET.into(),
+        ttl,
+    });
+    let secret_file = env.dir.path().join("legacy.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let text = env.legacy_connector().replace(
+        "client_secret_env = \"LEGACY_BROKER_CLIENT_SECRET\"",
+        &format!(
+            "client_secret_file = {:?}",
+            secret_file.display().to_string()
+        ),
+    );
+    env.add_connector(LEGACY, &tweak(text));
+    env
+}
+
+/// Rows with decimal columns compared as numbers (`1.20` lots and `1.2` lots are one amount).
+fn by_value(rows: BTreeMap<String, Row>) -> BTreeMap<String, Row> {
+    const DECIMALS: [&str; 6] = [
+        "amount",
+        "lots_traded",
+        "volume_usd",
+        "spread_cost",
+        "commission",
+        "pnl",
+    ];
+    rows.into_iter()
+        .map(|(k, mut row)| {
+            for column in DECIMALS {
+                if let Some(Some(text)) = row.get_mut(column) {
+                    *text = text.parse::<Decimal>().unwrap().normalize().to_string();
+                }
+            }
+            (k, row)
+        })
+        .collect()
+}
+
+fn whole_second(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_legacy_api_synced_equals_the_standard_api_synced() {
+    // Same records, two shapes: epoch and EET-naive times, string amounts, MT5 volume units,
+    // type and KYC codes, nested names, offset paging with has_more, OAuth2 — and the invalid
+    // records quarantined under the same keys.
+    let data = Dataset::generate(&DatasetSpec {
+        customers: 300,
+        transactions: 700,
+        activity: 700,
+        invalid_every: 25,
+        ..DatasetSpec::default()
+    });
+    let env = legacy_env(data, Duration::from_secs(3600), |t| t).await;
+    env.sync().await.expect("sync of both connectors");
+    for entity in Entity::ALL {
+        let standard = by_value(env.rows_of(BROKER, entity));
+        let legacy = by_value(env.rows_of(LEGACY, entity));
+        assert!(!standard.is_empty());
+        assert_same(entity, &legacy, &standard);
+        assert_eq!(
+            env.count(&format!(
+                "SELECT count(*) FROM quarantine WHERE broker = 'acme' AND entity = '{entity}'"
+            )),
+            env.count(&format!(
+                "SELECT count(*) FROM quarantine WHERE broker = '{LEGACY}' AND entity = '{entity}'"
+            )),
+            "{entity}: quarantine differs"
+        );
+    }
+    env.assert_store_equals_broker();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_paging_under_concurrent_mutation_loses_nothing() {
+    let env = legacy_env(dataset(1000), Duration::from_secs(3600), |t| {
+        // No settle: the second sync must reach the changes stamped two seconds ahead.
+        t.replace("per_page = 500", "per_page = 40")
+            .replace("settle = \"30s\"", "settle = \"0s\"")
+    })
+    .await;
+    // Changes land between pages: a few records, then more than the overlap, then more than a
+    // page, from behind and ahead of the pager.
+    let moved_at = whole_second(Timestamp::now()) + SignedDuration::from_secs(2);
+    for (request, skip, count) in [
+        (2, 5, 3),
+        (3, 30, 25),
+        (5, 100, 60),
+        (7, 400, 1),
+        (9, 0, 90),
+    ] {
+        env.broker
+            .after_request(Entity::Customers, request, move |d| {
+                let keys: Vec<String> = d
+                    .table(Entity::Customers)
+                    .records()
+                    .skip(skip)
+                    .take(count)
+                    .map(|r| natural_key(Entity::Customers, r))
+                    .collect();
+                for key in keys {
+                    d.modify(
+                        Entity::Customers,
+                        &key,
+                        json!({"sales_status_id": "moved"}),
+                        moved_at,
+                    );
+                }
+            });
+    }
+    env.sync_broker(LEGACY).await.expect("sync");
+    let cursor: Timestamp = env
+        .cursor_of(LEGACY, Entity::Customers)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rows = env.rows_of(LEGACY, Entity::Customers);
+    for (key, row) in env.truth(Entity::Customers) {
+        let modified: Timestamp = row["last_modified_date"]
+            .as_deref()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if modified <= cursor {
+            assert_eq!(
+                rows.get(&key),
+                Some(&row),
+                "{key} was skipped while records moved"
+            );
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    env.sync_broker(LEGACY).await.expect("second sync");
+    assert_same(
+        Entity::Customers,
+        &env.rows_of(LEGACY, Entity::Customers),
+        &env.truth(Entity::Customers),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_or_revoked_token_is_replaced_without_a_failed_run() {
+    // One-second tokens, a backfill of several seconds: the token is refreshed before it
+    // expires, never used expired; a revocation mid-run costs one 401 and one new token.
+    let env = legacy_env(dataset(300), Duration::from_secs(1), |t| {
+        t.replace("per_page = 500", "per_page = 20")
+            .replace("backfill_slice = \"1d\"", "backfill_slice = \"20m\"")
+    })
+    .await;
+    env.broker.set_delay(Duration::from_millis(30));
+    let broker = env.broker.clone();
+    env.broker
+        .after_request(Entity::Transactions, 10, move |_| broker.revoke_tokens());
+    let started = Instant::now();
+    let args = t360_connector::cli::BackfillArgs {
+        broker: LEGACY.into(),
+        entity: None,
+        since: "2025-12-31".into(),
+        until: Some("2026-01-02".into()),
+    };
+    t360_connector::commands::backfill(Some(&env.config), &args)
+        .await
+        .expect("backfill");
+    let observed = env.broker.observed();
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "the backfill was too short to outlive a token"
+    );
+    assert_eq!(
+        observed.unauthorized, 1,
+        "only the revoked token may be refused: {observed:?}"
+    );
+    assert!(
+        observed.tokens_issued >= 3,
+        "tokens were not refreshed: {observed:?}"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM runs WHERE outcome <> 'success'"),
+        0
+    );
+    for entity in Entity::ALL {
+        assert_same(
+            entity,
+            &by_value(env.rows_of(LEGACY, entity)),
+            &by_value(env.truth(entity)),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_storm_completes_with_exact_data() {
+    let env = legacy_env(dataset(300), Duration::from_secs(3600), |t| {
+        t.replace("per_page = 500", "per_page = 50")
+    })
+    .await;
+    env.broker.set_faults(Faults {
+        server_errors: 0.10,
+        throttles: 0.05,
+        resets: 0.05,
+        truncations: 0.03,
+        slow: 0.05,
+        slow_by: Duration::from_millis(200),
+    });
+    env.sync().await.expect("sync through the storm");
+    env.assert_store_equals_broker();
+    for entity in Entity::ALL {
+        assert_same(
+            entity,
+            &by_value(env.rows_of(LEGACY, entity)),
+            &by_value(env.truth(entity)),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_is_never_exceeded() {
+    let connector = Connector {
+        per_page: 10,
+        rate_limit: "20/s",
+        ..Connector::default()
+    };
+    let env = Env::start(dataset(1100), Paging::Cursor, connector).await;
+    env.broker.set_rate_limit(20, Duration::from_secs(1));
+    env.sync_entity(Entity::Customers).await.expect("sync");
+    let observed = env.broker.observed();
+    assert_eq!(
+        observed.throttled, 0,
+        "the broker had to refuse requests: {observed:?}"
+    );
+    assert!(observed.max_in_window <= 20, "{observed:?}");
+    // …while the budget is used: a limiter that is merely slow would pass the line above.
+    assert!(
+        observed.max_in_window >= 17,
+        "the budget was left unused: {observed:?}"
+    );
+    assert_eq!(env.rows(Entity::Customers).len(), 1100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_give_up_in_bounded_time_and_leave_the_cursor() {
+    let env = Env::start(dataset(50), Paging::Cursor, Connector::default()).await;
+    env.broker.fail_next(Entity::Customers, 10_000, 503);
+    let started = Instant::now();
+    let error = env
+        .sync_entity(Entity::Customers)
+        .await
+        .expect_err("must fail");
+    let took = started.elapsed();
+    // max_retry_time is 3 s in the test connector; one more attempt may start at its end.
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+        "took {took:?}"
+    );
+    assert!(error.to_string().contains("HTTP 503"), "{error}");
+    assert_eq!(env.cursor(Entity::Customers), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_header_paging_reaches_every_page() {
+    let env = Env::start(dataset(250), Paging::Link, Connector::default()).await;
+    env.sync().await.expect("sync");
+    env.assert_store_equals_broker();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_and_basic_credentials_are_sent_from_files() {
+    for (auth, header, value) in [
+        (
+            "type = \"api_key\"\nheader = \"X-Api-Key\"",
+            "x-api-key",
+            "k3y-in-header",
+        ),
+        (
+            "type = \"api_key\"\nquery = \"apikey\"",
+            "?apikey",
+            "k3y-in-query",
+        ),
+        (
+            "type = \"basic\"\nusername = \"t360\"",
+            "authorization",
+            "Basic dDM2MDpwYXNzLXdvcmQ=",
+        ),
+    ] {
+        let secret = if header == "authorization" {
+            "pass-word"
+        } else {
+            value
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, secret).unwrap();
+        let key = if header == "authorization" {
+            "password_file"
+        } else {
+            "key_file"
+        };
+        let connector = Connector {
+            rest_extra: format!(
+                "[rest.auth]\n{auth}\n{key} = {:?}\n",
+                file.display().to_string()
+            ),
+            ..Connector::default()
+        };
+        let env = Env::start(dataset(20), Paging::Cursor, connector).await;
+        env.broker.require(header, value);
+        env.sync().await.unwrap_or_else(|e| panic!("{header}: {e}"));
+        env.assert_store_equals_broker();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_appears_in_logs_or_errors() {
+    let env = legacy_env(dataset(60), Duration::from_secs(2), |t| {
+        t.replace("per_page = 500", "per_page = 10")
+    })
+    .await;
+    // A second connector with an API key in the query string: the faults make its retries
+    // print URLs.
+    let key_file = env.dir.path().join("key");
+    std::fs::write(&key_file, "query-k3y-9d8c").unwrap();
+    let mut keyed = std::fs::read_to_string(env.connector_file()).unwrap();
+    keyed = keyed.replace("broker = \"acme\"", "broker = \"keyed\"");
+    keyed.push_str(&format!(
+        "\n[rest.auth]\ntype = \"api_key\"\nquery = \"apikey\"\nkey_file = {:?}\n",
+        key_file.display().to_string()
+    ));
+    env.add_connector("keyed", &keyed);
+    env.broker.set_faults(Faults {
+        server_errors: 0.15,
+        throttles: 0.05,
+        resets: 0.05,
+        truncations: 0.05,
+        ..Faults::default()
+    });
+    let broker = env.broker.clone();
+    env.broker
+        .after_request(Entity::Transactions, 3, move |_| broker.revoke_tokens());
+    let mut captured = String::new();
+    for args in [
+        vec!["check"],
+        vec!["sync"],
+        vec!["status"],
+        vec!["sync", "--broker", "keyed"],
+    ] {
+        if args.contains(&"keyed") {
+            // Make sure the keyed connector's requests fail a few times and get logged.
+            env.broker.fail_next(Entity::Customers, 2, 503);
+        }
+        let out = env
+            .binary()
+            .args(&args)
+            .env("RUST_LOG", "trace")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        captured.push_str(&String::from_utf8_lossy(&out.stdout));
+        captured.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(
+        captured.contains("Request failed; retrying"),
+        "the faults left no trace to search"
+    );
+    assert!(
+        captured.contains("apikey=REDACTED"),
+        "a URL with the key should show, redacted: {}",
+        captured
+            .lines()
+            .filter(|l| l.contains("broker=keyed") && l.contains("WARN"))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for secret in [SECRET, "query-k3y-9d8c", "tok-"] {
+        assert!(
+            !captured.contains(secret),
+            "`{secret}` leaked into the output"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personal_data_is_dropped_or_hashed_before_anything_is_stored() {
+    let data = Dataset::generate(&DatasetSpec {
+        customers: 100,
+        transactions: 0,
+        activity: 0,
+        invalid_every: 10,
+        ..DatasetSpec::default()
+    });
+    let env = legacy_env(data, Duration::from_secs(3600), |t| {
+        t.replace("first_name = \"keep\"", "first_name = \"drop\"")
+            .replace("email = \"keep\"", "email = \"hash\"")
+    })
+    .await;
+    env.sync_broker(LEGACY).await.expect("sync");
+    let rows = env.rows_of(LEGACY, Entity::Customers);
+    assert_eq!(rows.len(), 90);
+    for row in rows.values() {
+        assert_eq!(row["first_name"], None, "first_name was to be dropped");
+        assert_eq!(
+            row["last_name"].as_deref(),
+            Some("Sample"),
+            "last_name was to be kept"
+        );
+        let email = row["email"].as_deref().unwrap();
+        assert!(
+            email.len() == 64 && email.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{email}"
+        );
+    }
+    // Quarantine keeps the raw record, under the same policy.
+    let raws: Vec<String> = {
+        let conn = rusqlite::Connection::open(env.database()).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT raw FROM quarantine WHERE broker = ?1")
+            .unwrap();
+        stmt.query_map([LEGACY], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert_eq!(raws.len(), 10);
+    for raw in raws {
+        assert!(
+            !raw.contains("@example.com") && !raw.contains("Trader"),
+            "PII in quarantine: {raw}"
+        );
+        assert!(raw.contains("Sample"), "kept fields must stay: {raw}");
+    }
+}
