@@ -24,6 +24,8 @@ pub struct Connector {
     pub settle: &'static str,
     pub activity_repull_days: i64,
     pub backfill_slice: &'static str,
+    /// How long a request is retried before the run fails (short: failing tests end fast).
+    pub max_retry_time: &'static str,
     /// Requests the connector may send (the guide's 1000/min would slow every test down).
     pub rate_limit: &'static str,
     /// Extra TOML appended to the `[rest]` table's end (e.g. an auth table).
@@ -39,6 +41,7 @@ impl Default for Connector {
             activity_repull_days: 0,
             backfill_slice: "1d",
             rate_limit: "5000/s",
+            max_retry_time: "3s",
             rest_extra: String::new(),
         }
     }
@@ -96,7 +99,7 @@ base_url = "{url}"
 allow_http = true
 per_page = {per_page}
 timeout = "10s"
-max_retry_time = "3s"
+max_retry_time = "{max_retry_time}"
 rate_limit = "{rate_limit}"
 {rest_extra}
 
@@ -110,6 +113,7 @@ backfill_slice = "{slice}"
             per_page = c.per_page,
             rest_extra = c.rest_extra,
             rate_limit = c.rate_limit,
+            max_retry_time = c.max_retry_time,
             lookback = c.lookback,
             settle = c.settle,
             repull = c.activity_repull_days,

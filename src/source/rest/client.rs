@@ -73,12 +73,13 @@ impl HttpClient {
     async fn get_json_inner(&self, url: &Url) -> Result<Fetched, SourceError> {
         let started = Instant::now();
         let budget = self.max_retry_time;
+        // No count limit: the budget is time. Every wait is cut to what is left of it, so the
+        // last attempt runs just as the budget ends.
         let backoff = ExponentialBuilder::default()
             .with_jitter()
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(30))
-            .without_max_times()
-            .with_total_delay(Some(budget));
+            .without_max_times();
         let refreshed = std::sync::atomic::AtomicBool::new(false);
         let broker = self.broker.as_str();
         (|| async { self.attempt(url, &refreshed).await })
@@ -87,7 +88,7 @@ impl HttpClient {
             // The broker's Retry-After wins over our backoff, within what is left of the budget.
             .adjust(|e: &SourceError, ours| {
                 let left = budget.saturating_sub(started.elapsed());
-                e.retry_after().map(|asked| asked.min(left)).or(ours)
+                e.retry_after().or(ours).map(|wait| wait.min(left))
             })
             .notify(|e: &SourceError, after: Duration| {
                 warn!(broker = %broker, error = %e, retry_in_ms = after.as_millis() as u64, "Request failed; retrying.");
