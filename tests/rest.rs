@@ -469,3 +469,41 @@ async fn personal_data_is_dropped_or_hashed_before_anything_is_stored() {
         assert!(raw.contains("Sample"), "kept fields must stay: {raw}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_token_refresh() {
+    use t360_connector::config::plan::OAuth2Plan;
+    use t360_connector::source::rest::token_cache::TokenCache;
+
+    let env = Env::start(dataset(1), Paging::Cursor, Connector::default()).await;
+    env.broker.enable_oauth(OAuthClient {
+        client_id: "sample-client".into(),
+        client_secret: SECRET.into(),
+        ttl: Duration::from_secs(3600),
+    });
+    t360_connector::source::rest::ensure_crypto_provider();
+    let plan = OAuth2Plan {
+        token_url: format!("{}/oauth/token", env.broker.base_url())
+            .parse()
+            .unwrap(),
+        client_id: "sample-client".into(),
+        client_secret: SECRET.to_owned().into(),
+        scopes: vec![],
+    };
+    let cache = std::sync::Arc::new(TokenCache::new(plan, reqwest::Client::new()));
+    // Sixteen callers at once on an empty cache: the first fetches, the others wait for it.
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let cache = std::sync::Arc::clone(&cache);
+            tokio::spawn(async move { cache.token().await.map(|t| t.generation) })
+        })
+        .collect();
+    for caller in callers {
+        assert_eq!(
+            caller.await.unwrap().expect("token"),
+            1,
+            "each caller got the one token"
+        );
+    }
+    assert_eq!(env.broker.observed().tokens_issued, 1);
+}

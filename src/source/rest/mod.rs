@@ -4,7 +4,7 @@
 mod auth;
 mod client;
 mod pager;
-mod token_cache;
+pub mod token_cache;
 
 use jiff::tz::TimeZone;
 
@@ -46,7 +46,7 @@ impl Source for RestSource {
 }
 
 /// rustls needs one process-wide crypto provider; `ring` is the one compiled in.
-fn ensure_crypto_provider() {
+pub fn ensure_crypto_provider() {
     // Fails only when a provider is installed already, which is what we want.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
