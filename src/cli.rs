@@ -17,12 +17,29 @@ pub struct Cli {
     /// The daemon's settings file; built-in defaults (./state, ./connectors) when absent.
     #[arg(long, short, global = true, env = "T360_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Log lines as text (default) or JSON objects (one per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "T360_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: every connector's entities on their schedules, until SIGTERM.
+    Run,
     /// Validate the settings and every connector file; report each problem with file and key.
     Check,
     /// Run one delta sync now, then exit (non-zero if any sync failed).
@@ -35,8 +52,16 @@ pub enum Command {
     Quarantine(QuarantineArgs),
     /// Serve the bundled sample broker (the guide's API over a generated data set).
     SampleBroker(SampleBrokerArgs),
-    /// Start the sample broker, sync every connector against it, and show the status.
-    Demo(SampleBrokerArgs),
+    /// The sample broker on a free port, the daemon against it on fast schedules for a while
+    /// (or until Ctrl-C) with new records arriving, then the status.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How long the daemon runs.
+    #[arg(long, default_value_t = 15)]
+    pub seconds: u64,
 }
 
 #[derive(Debug, Args)]

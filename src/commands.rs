@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
 use jiff::{Timestamp, Unit};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::backfill;
-use crate::cli::{BackfillArgs, QuarantineArgs, SampleBrokerArgs, SyncArgs};
+use crate::cli::{BackfillArgs, DemoArgs, QuarantineArgs, SampleBrokerArgs, SyncArgs};
 use crate::config::{self, ConnectorPlan, Loaded, SourcePlan, plan::parse_instant};
 use crate::engine::Runner;
 use crate::model::Entity;
@@ -95,12 +96,26 @@ fn entities(plan: &ConnectorPlan, only: Option<Entity>) -> anyhow::Result<Vec<En
     }
 }
 
+/// A token cancelled by Ctrl-C or SIGTERM: a one-shot command then stops after the page it is
+/// committing, as the daemon does.
+pub fn stop_on_signal() -> CancellationToken {
+    let stop = CancellationToken::new();
+    let cancel = stop.clone();
+    tokio::spawn(async move {
+        crate::daemon::signals::terminated().await;
+        warn!("Stopping after the page in flight (signal received).");
+        cancel.cancel();
+    });
+    stop
+}
+
 /// `sync`: one delta sync of each selected (broker, entity). Fails if any failed.
 pub async fn sync(config_path: Option<&std::path::Path>, args: &SyncArgs) -> anyhow::Result<()> {
     let loaded = load(config_path)?;
     let store = open_store(&loaded)?;
     let sink = EmbeddedSink::new(Arc::clone(&store));
     let selected = select(&loaded, args.broker.as_deref())?;
+    let stop = stop_on_signal();
     let mut failures = Vec::new();
     let mut runs = 0;
     for plan in &selected {
@@ -110,8 +125,12 @@ pub async fn sync(config_path: Option<&std::path::Path>, args: &SyncArgs) -> any
             source: source.as_ref(),
             sink: &sink,
             store: &store,
+            stop: stop.clone(),
         };
         for entity in entities(plan, args.entity)? {
+            if stop.is_cancelled() {
+                break;
+            }
             runs += 1;
             if let Err(e) = runner.sync(entity, Timestamp::now()).await {
                 error!(error = %e, "Sync failed; the cursor stays where it was.");
@@ -161,6 +180,7 @@ pub async fn backfill(
         source: source.as_ref(),
         sink: &sink,
         store: &store,
+        stop: stop_on_signal(),
     };
     let now = Timestamp::now();
     for entity in entities(plan, args.entity)? {
@@ -330,24 +350,112 @@ pub fn demo_credentials() {
     }
 }
 
-/// `demo`: the sample broker, one sync of every connector against it, then the status table.
+/// `run`: the daemon, until SIGTERM/SIGINT.
+pub async fn run(config_path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let settings = config::load_settings(config_path).map_err(|e| ConfigProblems(e.to_string()))?;
+    crate::daemon::run(settings, CancellationToken::new()).await
+}
+
+/// `demo`: the sample broker on a free port, the daemon against it on fast schedules while new
+/// records arrive, then the status table.
 pub async fn demo(
     config_path: Option<&std::path::Path>,
-    args: &SampleBrokerArgs,
+    args: &DemoArgs,
 ) -> anyhow::Result<String> {
-    let broker = start_sample_broker(args).await?;
-    info!(url = %broker.base_url(), "Sample broker started.");
-    let result = sync(
-        config_path,
-        &SyncArgs {
-            broker: None,
-            entity: None,
-        },
-    )
-    .await;
-    if let Err(e) = &result {
-        warn!(error = %e, "Demo sync reported failures.");
+    let mut settings =
+        config::load_settings(config_path).map_err(|e| ConfigProblems(e.to_string()))?;
+    let sizes = SampleBrokerArgs {
+        listen: "127.0.0.1:0".parse().expect("loopback address"),
+        customers: 200,
+        transactions: 600,
+        activity: 800,
+        invalid_every: 50,
+        page_numbers: false,
+    };
+    let broker = start_sample_broker(&sizes).await?;
+    info!(url = %broker.base_url(), "Sample broker started on a free port.");
+    settings.connectors_dir = demo_connectors(&settings, &broker.base_url())?;
+    // The demo's own daemon serves no HTTP: a production one may hold the port already.
+    settings.daemon.listen = None;
+
+    let stop = CancellationToken::new();
+    let arrivals = tokio::spawn(arrive(broker.clone(), stop.clone()));
+    let timer = {
+        let stop = stop.clone();
+        let seconds = args.seconds;
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+            stop.cancel();
+        })
+    };
+    info!(
+        seconds = args.seconds,
+        "Running the daemon against it; new records arrive every second."
+    );
+    let result = crate::daemon::run(settings, stop.clone()).await;
+    stop.cancel();
+    timer.abort();
+    let _ = arrivals.await;
+    result?;
+    status(config_path)
+}
+
+/// Copies of the connector files pointed at the sample broker's port, on fast schedules.
+fn demo_connectors(
+    settings: &config::Settings,
+    base_url: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let dir = settings.state_dir.join("demo-connectors");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            std::fs::remove_file(&path)?;
+        }
     }
-    let table = status(config_path)?;
-    result.map(|()| table)
+    for entry in std::fs::read_dir(&settings.connectors_dir)
+        .with_context(|| format!("cannot read {}", settings.connectors_dir.display()))?
+    {
+        let path = entry?.path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let mut text = std::fs::read_to_string(&path)?
+            .replace("http://127.0.0.1:8700", base_url)
+            .replace("settle = \"30s\"", "settle = \"1s\"");
+        if !text.contains("[schedule]") {
+            text.push_str(
+                "\n[schedule]\ncustomers = \"*/2 * * * * *\"\ntransactions = \"*/2 * * * * *\"\ntrading_activity = \"*/3 * * * * *\"\n",
+            );
+        }
+        let name = path.file_name().expect("a file has a name");
+        std::fs::write(dir.join(name), text)?;
+    }
+    Ok(dir)
+}
+
+/// New customers and deposits at the sample broker, one of each a second, until `stop`.
+async fn arrive(broker: SampleBroker, stop: CancellationToken) {
+    let mut n = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+        n += 1;
+        let now = Timestamp::now().to_string();
+        broker.with_data(|d| {
+            d.put(
+                Entity::Customers,
+                serde_json::json!({"customer_id": format!("NEW-{n}"), "signup_date": now,
+                    "last_modified_date": now, "affiliate_id": "IB001", "country_code": "CY"}),
+            );
+            d.put(
+                Entity::Transactions,
+                serde_json::json!({"transaction_id": format!("NEW-DEP-{n}"), "customer_id": format!("NEW-{n}"),
+                    "transaction_type": "deposit", "amount": "250.00", "currency": "USD",
+                    "transaction_date": now, "status": "approved", "last_modified_date": now}),
+            );
+        });
+    }
 }

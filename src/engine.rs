@@ -15,7 +15,9 @@ use crate::model::{Entity, Record};
 use crate::sink::{CommitStats, PageBatch, Progress, Reject, Sink, Valid};
 use crate::source::{Page, Source, SourceError, Window};
 use crate::state::{Store, StoreError};
+use crate::telemetry;
 use crate::validate;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -31,6 +33,19 @@ pub enum EngineError {
         entity: Entity,
         source: StoreError,
     },
+    /// Asked to stop: the pages read so far are committed, the cursor stays where it was.
+    #[error("{broker}/{entity}: stopped before the window's end")]
+    Interrupted { broker: String, entity: Entity },
+}
+
+impl EngineError {
+    /// The run outcome recorded for this error.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            EngineError::Interrupted { .. } => "interrupted",
+            _ => "failed",
+        }
+    }
 }
 
 /// What one run did.
@@ -54,6 +69,8 @@ pub struct Runner<'a> {
     pub source: &'a dyn Source,
     pub sink: &'a dyn Sink,
     pub store: &'a Store,
+    /// Cancelled on shutdown: the run stops after the page it is committing.
+    pub stop: CancellationToken,
 }
 
 impl Runner<'_> {
@@ -110,20 +127,31 @@ impl Runner<'_> {
             .start_run(broker, entity, kind, (window.from, window.to))
             .map_err(|source| self.store_error(entity, source))?;
         let span = info_span!("run", broker = %broker, entity = %entity, run_id = run);
+        let started = std::time::Instant::now();
         let mut summary = RunSummary::default();
         let result = self
             .pull(entity, window, lane, &mut summary)
             .instrument(span.clone())
             .await;
+        let outcome = result
+            .as_ref()
+            .err()
+            .map_or("success", EngineError::outcome);
+        telemetry::run_finished(broker, entity, outcome, started.elapsed().as_secs_f64());
         let error = result.as_ref().err().map(ToString::to_string);
         if let Err(e) = self.store.finish_run(
             run,
+            outcome,
             summary.pages,
             summary.pulled,
             summary.stats,
             error.as_deref(),
         ) {
             span.in_scope(|| warn!(error = %e, "Could not record the run's end."));
+        }
+        if outcome == "success" && matches!(lane, Lane::Live) {
+            let lag = jiff::Timestamp::now().duration_since(window.to);
+            telemetry::cursor_lag(broker, entity, lag.as_secs_f64());
         }
         result.map(|()| summary)
     }
@@ -171,6 +199,14 @@ impl Runner<'_> {
             };
             self.commit(entity, page, progress, summary).await?;
             current = next;
+            if current.is_some() && self.stop.is_cancelled() {
+                // The page in hand is committed; the rest of the window waits for the next run.
+                info!("Stopping after the committed page.");
+                return Err(EngineError::Interrupted {
+                    broker: self.plan.broker.clone(),
+                    entity,
+                });
+            }
         }
         let s = summary.stats;
         if live {
@@ -225,6 +261,7 @@ impl Runner<'_> {
             .await
             .map_err(|source| self.store_error(entity, source))?;
         debug!(records = pulled, stored = stats.stored, "Page stored.");
+        telemetry::page_committed(&self.plan.broker, entity, pulled, &stats);
         summary.pages += 1;
         summary.pulled += pulled as u64;
         summary.stats += stats;

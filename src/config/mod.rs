@@ -200,9 +200,19 @@ pub fn load_connector(file: &Path, settings: &Settings) -> Result<ConnectorPlan,
     };
     let plan = plan::connector_plan(raw, &settings.sync, file, &mut problems);
     match plan {
-        Some(plan) if problems.found.is_empty() => Ok(plan),
+        Some(mut plan) if problems.found.is_empty() => {
+            plan.fingerprint = fingerprint(&text);
+            Ok(plan)
+        }
         _ => Err(problems.found),
     }
+}
+
+fn fingerprint(text: &str) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// toml's messages draw the offending line with a caret over several lines; a log line or a

@@ -10,7 +10,8 @@ use reqwest::Url;
 use secrecy::SecretString;
 
 use super::ConfigError;
-use super::raw::{RawConnector, RawPii, RawRest, RawSettings, RawSync};
+use super::raw::{RawConnector, RawPii, RawRest, RawSchedule, RawSettings, RawSync};
+use crate::daemon::schedule::Schedule;
 use crate::model::Entity;
 use crate::normalise::Mapping;
 use crate::normalise::pii::{PII_FIELDS, PiiAction, PiiPolicy};
@@ -24,6 +25,16 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub connectors_dir: PathBuf,
     pub sync: RawSync,
+    pub daemon: DaemonPlan,
+}
+
+/// `t360-connector run`'s settings.
+#[derive(Debug, Clone)]
+pub struct DaemonPlan {
+    /// Where `/healthz` and `/metrics` listen; `None`: nowhere.
+    pub listen: Option<std::net::SocketAddr>,
+    pub max_concurrent_syncs: usize,
+    pub shutdown_grace: Duration,
 }
 
 impl Settings {
@@ -45,6 +56,10 @@ pub struct ConnectorPlan {
     pub source: SourcePlan,
     pub mapping: Mapping,
     pub sync: SyncPlan,
+    /// When each entity syncs, in `Entity::ALL` order.
+    pub schedules: [Schedule; 3],
+    /// A digest of the file's text: a reload restarts a connector whose file changed.
+    pub fingerprint: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -210,10 +225,38 @@ impl Problems<'_> {
 impl Settings {
     pub(super) fn build(raw: RawSettings, base: &Path, problems: &mut Problems) -> Settings {
         sync_plan(&raw.sync, &RawSync::default(), "sync", problems);
+        let d = &raw.daemon;
+        let listen = match d.listen.as_deref() {
+            None => Some("127.0.0.1:9360".parse().ok()),
+            Some("off") => Some(None),
+            Some(text) => problems.take(
+                "daemon.listen",
+                text.parse().map(Some).map_err(|_| {
+                    format!("`{text}` is not an address such as 127.0.0.1:9360, or \"off\"")
+                }),
+            ),
+        };
+        let max = match d.max_concurrent_syncs {
+            None => Some(4),
+            Some(n) if (1..=1024).contains(&n) => Some(n as usize),
+            Some(n) => {
+                problems.add(
+                    "daemon.max_concurrent_syncs",
+                    format!("must be between 1 and 1024, found {n}"),
+                );
+                None
+            }
+        };
+        let grace = optional_duration(&d.shutdown_grace, "30s", "daemon.shutdown_grace", problems);
         Settings {
             state_dir: base.join(&raw.state_dir),
             connectors_dir: base.join(&raw.connectors_dir),
             sync: raw.sync,
+            daemon: DaemonPlan {
+                listen: listen.flatten(),
+                max_concurrent_syncs: max.unwrap_or(4),
+                shutdown_grace: grace.map_or(Duration::from_secs(30), |g| g.unsigned_abs()),
+            },
         }
     }
 }
@@ -286,6 +329,7 @@ pub(super) fn connector_plan(
             None
         }
     };
+    let schedules = schedule_plan(&raw.schedule, problems);
     Some(ConnectorPlan {
         broker,
         file: file.to_owned(),
@@ -295,7 +339,29 @@ pub(super) fn connector_plan(
         source: source?,
         mapping: mapping?,
         sync: sync?,
+        schedules: schedules?,
+        fingerprint: 0,
     })
+}
+
+/// The guide's freshness: customers and transactions every 5 minutes, trading activity daily
+/// after 06:00 UTC (its rows are due by 06:00 UTC).
+const DEFAULT_SCHEDULES: [&str; 3] = ["*/5 * * * *", "*/5 * * * *", "15 6 * * *"];
+
+fn schedule_plan(raw: &RawSchedule, problems: &mut Problems) -> Option<[Schedule; 3]> {
+    let zone = match &raw.timezone {
+        None => Some(TimeZone::UTC),
+        Some(name) => problems.take("schedule.timezone", parse_zone(name)),
+    }?;
+    let texts = [&raw.customers, &raw.transactions, &raw.trading_activity];
+    let mut schedules = Vec::with_capacity(3);
+    for ((entity, text), default) in Entity::ALL.iter().zip(texts).zip(DEFAULT_SCHEDULES) {
+        let text = text.as_deref().unwrap_or(default);
+        let key = format!("schedule.{entity}");
+        schedules.push(problems.take(&key, Schedule::parse(text, zone.clone())));
+    }
+    let [a, b, c]: [Option<Schedule>; 3] = schedules.try_into().ok()?;
+    Some([a?, b?, c?])
 }
 
 fn pii_policy(raw: &RawPii, problems: &mut Problems) -> Option<PiiPolicy> {

@@ -16,6 +16,29 @@ pub struct RawSettings {
     /// Defaults for every connector's `[sync]` table.
     #[serde(default)]
     pub sync: RawSync,
+    #[serde(default)]
+    pub daemon: RawDaemon,
+}
+
+/// `t360-connector run`'s settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    /// Address of `/healthz` and `/metrics` (`"off"`: none).
+    pub listen: Option<String>,
+    pub max_concurrent_syncs: Option<i64>,
+    /// How long in-flight syncs get to finish their page after SIGTERM.
+    pub shutdown_grace: Option<String>,
+}
+
+/// When each entity syncs: cron expressions (5 fields, or 6 with seconds) in a zone.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSchedule {
+    pub timezone: Option<String>,
+    pub customers: Option<String>,
+    pub transactions: Option<String>,
+    pub trading_activity: Option<String>,
 }
 
 fn default_state_dir() -> String {
@@ -49,6 +72,8 @@ pub struct RawConnector {
     pub pii: RawPii,
     #[serde(default)]
     pub sync: RawSync,
+    #[serde(default)]
+    pub schedule: RawSchedule,
 }
 
 fn yes() -> bool {

@@ -165,6 +165,45 @@ impl Store {
         })
     }
 
+    /// When the last live sync of (broker, entity) succeeded.
+    pub fn last_success(
+        &self,
+        broker: &str,
+        entity: Entity,
+    ) -> Result<Option<Timestamp>, StoreError> {
+        self.with(|conn| {
+            let text: Option<String> = conn.query_row(
+                "SELECT max(finished_at) FROM runs
+                 WHERE broker = ?1 AND entity = ?2 AND kind = 'sync' AND outcome = 'success'",
+                params![broker, entity.as_str()],
+                |r| r.get(0),
+            )?;
+            Ok(text.and_then(|t| t.parse().ok()))
+        })
+    }
+
+    /// Every live cursor.
+    pub fn cursors(&self) -> Result<Vec<(String, Entity, Timestamp)>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT broker, entity, cursor FROM checkpoints")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut cursors = Vec::new();
+            for row in rows {
+                let (broker, entity, cursor) = row?;
+                if let (Ok(entity), Ok(cursor)) = (entity.parse(), cursor.parse()) {
+                    cursors.push((broker, entity, cursor));
+                }
+            }
+            Ok(cursors)
+        })
+    }
+
     /// Records the start of a run and returns its id.
     pub fn start_run(
         &self,
@@ -194,6 +233,7 @@ impl Store {
     pub fn finish_run(
         &self,
         run: i64,
+        outcome: &str,
         pages: u64,
         pulled: u64,
         stats: CommitStats,
@@ -206,7 +246,7 @@ impl Store {
                 params![
                     run,
                     Timestamp::now().to_string(),
-                    if error.is_some() { "failed" } else { "success" },
+                    outcome,
                     pages as i64,
                     pulled as i64,
                     stats.stored as i64,

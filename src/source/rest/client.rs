@@ -15,7 +15,9 @@ use tracing::warn;
 use super::auth::Auth;
 use crate::config::RestPlan;
 use crate::config::plan::RateLimit;
+use crate::model::Entity;
 use crate::source::SourceError;
+use crate::telemetry;
 
 /// How much of an error body goes into a message.
 const ERROR_BODY_CHARS: usize = 300;
@@ -66,11 +68,12 @@ impl HttpClient {
     pub fn get_json<'a>(
         &'a self,
         url: &'a Url,
+        entity: Entity,
     ) -> crate::sink::BoxFuture<'a, Result<Fetched, SourceError>> {
-        Box::pin(self.get_json_inner(url))
+        Box::pin(self.get_json_inner(url, entity))
     }
 
-    async fn get_json_inner(&self, url: &Url) -> Result<Fetched, SourceError> {
+    async fn get_json_inner(&self, url: &Url, entity: Entity) -> Result<Fetched, SourceError> {
         let started = Instant::now();
         let budget = self.max_retry_time;
         // No count limit: the budget is time. Every wait is cut to what is left of it, so the
@@ -82,7 +85,7 @@ impl HttpClient {
             .without_max_times();
         let refreshed = std::sync::atomic::AtomicBool::new(false);
         let broker = self.broker.as_str();
-        (|| async { self.attempt(url, &refreshed).await })
+        (|| async { self.attempt(url, entity, &refreshed).await })
             .retry(backoff)
             .when(|e: &SourceError| e.is_retryable() && started.elapsed() < budget)
             // The broker's Retry-After wins over our backoff, within what is left of the budget.
@@ -91,6 +94,7 @@ impl HttpClient {
                 e.retry_after().or(ours).map(|wait| wait.min(left))
             })
             .notify(|e: &SourceError, after: Duration| {
+                telemetry::retry(broker, entity);
                 warn!(broker = %broker, error = %e, retry_in_ms = after.as_millis() as u64, "Request failed; retrying.");
             })
             .await
@@ -99,6 +103,7 @@ impl HttpClient {
     async fn attempt(
         &self,
         url: &Url,
+        entity: Entity,
         refreshed: &std::sync::atomic::AtomicBool,
     ) -> Result<Fetched, SourceError> {
         use std::sync::atomic::Ordering;
@@ -115,8 +120,12 @@ impl HttpClient {
             .get(self.auth.url(url))
             .header(ACCEPT, "application/json");
         let (request, token) = self.auth.apply(request).await?;
-        let response = request.send().await.map_err(transport)?;
+        let response = request.send().await.map_err(|e| {
+            telemetry::http_request(&self.broker, entity, "error");
+            transport(e)
+        })?;
         let status = response.status();
+        telemetry::http_request(&self.broker, entity, status.as_str());
         let headers = response.headers().clone();
         let body = response.bytes().await.map_err(transport)?;
         if status == StatusCode::UNAUTHORIZED

@@ -350,7 +350,7 @@ impl Pager for RestPager<'_> {
                 return Ok(None);
             }
             let url = self.url();
-            let fetched = self.http.get_json(&url).await?;
+            let fetched = self.http.get_json(&url, self.entity).await?;
             let records = self.advance(&url, fetched)?;
             Ok(Some(Page {
                 records,

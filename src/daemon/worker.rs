@@ -1,0 +1,121 @@
+//! One (broker, entity) on its schedule: sleep until the next fire time, take the entity's lock
+//! and a global slot, run one sync, repeat. One loop per entity means no two runs of it overlap;
+//! ticks that pass while a run is busy are skipped and counted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::Context;
+use crate::config::ConnectorPlan;
+use crate::engine::{EngineError, Runner};
+use crate::model::Entity;
+use crate::source::Source;
+use crate::telemetry;
+
+/// Held for the length of a run of one (broker, entity).
+pub type EntityLock = Arc<tokio::sync::Mutex<()>>;
+
+pub async fn worker(
+    ctx: Arc<Context>,
+    plan: Arc<ConnectorPlan>,
+    source: Arc<dyn Source>,
+    entity: Entity,
+    lock: EntityLock,
+    stop: CancellationToken,
+) {
+    let broker = plan.broker.clone();
+    let span = info_span!("schedule", broker = %broker, entity = %entity);
+    async move {
+        let schedule = &plan.schedules[entity as usize];
+        // Catch-up: a run missed while the daemon was down (or never done) happens at once.
+        let last_success = ctx.store.last_success(&broker, entity).ok().flatten();
+        let mut due_now = match (
+            last_success,
+            schedule.previous_at_or_before(Timestamp::now()),
+        ) {
+            (None, _) => true,
+            (Some(done), Some(due)) => done < due,
+            (Some(_), None) => false,
+        };
+        ctx.health
+            .update(&broker, entity, |h| h.last_success = last_success);
+        if due_now {
+            info!(last_success = ?last_success.map(|t| t.to_string()), "Catching up a missed run.");
+        }
+        loop {
+            let fired_at = if due_now {
+                Timestamp::now()
+            } else {
+                let Some(next) = schedule.next_after(Timestamp::now()) else {
+                    warn!(
+                        schedule = schedule.as_str(),
+                        "The schedule never fires again."
+                    );
+                    return;
+                };
+                ctx.health
+                    .update(&broker, entity, |h| h.next_run = Some(next));
+                let wait: Duration = next
+                    .duration_since(Timestamp::now())
+                    .try_into()
+                    .unwrap_or(Duration::ZERO);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => next,
+                }
+            };
+            due_now = false;
+            // Only a restarted connector's old worker can hold the lock: skip, count, go on.
+            let Ok(_run) = Arc::clone(&lock).try_lock_owned() else {
+                telemetry::ticks_skipped(&broker, entity, 1);
+                debug!("Previous run still busy; tick skipped.");
+                continue;
+            };
+            let _slot = tokio::select! {
+                _ = stop.cancelled() => return,
+                slot = Arc::clone(&ctx.slots).acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                },
+            };
+            ctx.health.update(&broker, entity, |h| h.running = true);
+            telemetry::syncs_running(ctx.slots_in_use());
+            let runner = Runner {
+                plan: &plan,
+                source: source.as_ref(),
+                sink: &ctx.sink,
+                store: &ctx.store,
+                stop: stop.clone(),
+            };
+            let result = runner.sync(entity, Timestamp::now()).await;
+            let now = Timestamp::now();
+            ctx.health.update(&broker, entity, |h| {
+                h.running = false;
+                match &result {
+                    Ok(_) => h.last_success = Some(now),
+                    Err(EngineError::Interrupted { .. }) => {}
+                    Err(e) => h.last_error = Some((now, e.to_string())),
+                }
+            });
+            drop(_slot);
+            telemetry::syncs_running(ctx.slots_in_use());
+            match result {
+                Err(EngineError::Interrupted { .. }) => return,
+                // One broker failing never stalls the others: log, and try at the next tick.
+                Err(e) => warn!(error = %e, "Sync failed; the cursor stays where it was."),
+                Ok(_) => {}
+            }
+            let skipped = schedule.fires_between(fired_at, now);
+            if skipped > 0 {
+                telemetry::ticks_skipped(&broker, entity, skipped);
+                debug!(skipped, "Ticks passed while the run was busy.");
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,91 @@
+//! Metric names and the events that move them, in one place (Vector's internal_events idea):
+//! each function is one event, so names and labels are not scattered string literals.
+//!
+//! Without a recorder installed (every command but `run`) these calls cost next to nothing.
+
+use metrics::{counter, gauge, histogram};
+
+use crate::model::Entity;
+use crate::sink::CommitStats;
+
+pub const RECORDS_PULLED: &str = "t360_records_pulled_total";
+pub const RECORDS_STORED: &str = "t360_records_stored_total";
+pub const RECORDS_QUARANTINED: &str = "t360_records_quarantined_total";
+pub const RECORDS_HELD: &str = "t360_records_held_total";
+pub const RUNS: &str = "t360_runs_total";
+pub const RUN_DURATION: &str = "t360_run_duration_seconds";
+pub const HTTP_REQUESTS: &str = "t360_http_requests_total";
+pub const RETRIES: &str = "t360_http_retries_total";
+pub const CURSOR_LAG: &str = "t360_cursor_lag_seconds";
+pub const TICKS_SKIPPED: &str = "t360_schedule_ticks_skipped_total";
+pub const SYNCS_RUNNING: &str = "t360_syncs_running";
+
+/// Every metric this daemon exports (a dashboard may query only these).
+pub const ALL: [&str; 11] = [
+    RECORDS_PULLED,
+    RECORDS_STORED,
+    RECORDS_QUARANTINED,
+    RECORDS_HELD,
+    RUNS,
+    RUN_DURATION,
+    HTTP_REQUESTS,
+    RETRIES,
+    CURSOR_LAG,
+    TICKS_SKIPPED,
+    SYNCS_RUNNING,
+];
+
+/// Run-duration histogram buckets, in seconds.
+pub const RUN_DURATION_BUCKETS: [f64; 10] =
+    [0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
+
+fn labels(broker: &str, entity: Entity) -> [(&'static str, String); 2] {
+    [
+        ("broker", broker.to_owned()),
+        ("entity", entity.as_str().to_owned()),
+    ]
+}
+
+/// A page was committed.
+pub fn page_committed(broker: &str, entity: Entity, pulled: usize, stats: &CommitStats) {
+    let l = labels(broker, entity);
+    counter!(RECORDS_PULLED, &l).increment(pulled as u64);
+    counter!(RECORDS_STORED, &l).increment(stats.stored + stats.released);
+    counter!(RECORDS_QUARANTINED, &l).increment(stats.quarantined);
+    counter!(RECORDS_HELD, &l).increment(stats.held);
+}
+
+/// A run ended: `success`, `failed` or `interrupted`.
+pub fn run_finished(broker: &str, entity: Entity, outcome: &'static str, seconds: f64) {
+    let [b, e] = labels(broker, entity);
+    counter!(
+        RUNS,
+        &[b.clone(), e.clone(), ("outcome", outcome.to_owned())]
+    )
+    .increment(1);
+    histogram!(RUN_DURATION, &[b, e]).record(seconds);
+}
+
+/// An HTTP request got an answer (`status`) or none (`status` = "error").
+pub fn http_request(broker: &str, entity: Entity, status: &str) {
+    let [b, e] = labels(broker, entity);
+    counter!(HTTP_REQUESTS, &[b, e, ("status", status.to_owned())]).increment(1);
+}
+
+pub fn retry(broker: &str, entity: Entity) {
+    counter!(RETRIES, &labels(broker, entity)).increment(1);
+}
+
+/// How far the cursor is behind now.
+pub fn cursor_lag(broker: &str, entity: Entity, seconds: f64) {
+    gauge!(CURSOR_LAG, &labels(broker, entity)).set(seconds);
+}
+
+/// Schedule ticks that passed while the previous run was still busy.
+pub fn ticks_skipped(broker: &str, entity: Entity, count: u64) {
+    counter!(TICKS_SKIPPED, &labels(broker, entity)).increment(count);
+}
+
+pub fn syncs_running(count: usize) {
+    gauge!(SYNCS_RUNNING).set(count as f64);
+}
