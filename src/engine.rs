@@ -216,7 +216,7 @@ impl Runner<'_> {
                 stored = s.stored,
                 quarantined = s.quarantined,
                 held = s.held,
-                released = s.released,
+                released = s.released.iter().sum::<u64>(),
                 "Sync finished."
             );
         } else {

@@ -46,13 +46,20 @@ fn labels(broker: &str, entity: Entity) -> [(&'static str, String); 2] {
     ]
 }
 
-/// A page was committed.
+/// A page was committed. Held records its customers released count as stored for their own
+/// entity.
 pub fn page_committed(broker: &str, entity: Entity, pulled: usize, stats: &CommitStats) {
     let l = labels(broker, entity);
     counter!(RECORDS_PULLED, &l).increment(pulled as u64);
-    counter!(RECORDS_STORED, &l).increment(stats.stored + stats.released);
+    counter!(RECORDS_STORED, &l).increment(stats.stored);
     counter!(RECORDS_QUARANTINED, &l).increment(stats.quarantined);
     counter!(RECORDS_HELD, &l).increment(stats.held);
+    for released in Entity::ALL {
+        let n = stats.released[released as usize];
+        if n > 0 {
+            counter!(RECORDS_STORED, &labels(broker, released)).increment(n);
+        }
+    }
 }
 
 /// A run ended: `success`, `failed` or `interrupted`.

@@ -66,7 +66,8 @@ pub struct CommitStats {
     pub stored: u64,
     pub quarantined: u64,
     pub held: u64,
-    pub released: u64,
+    /// Held records stored because their customer arrived, per entity (`Entity as usize`).
+    pub released: [u64; 3],
     pub unquarantined: u64,
 }
 
@@ -75,7 +76,9 @@ impl std::ops::AddAssign for CommitStats {
         self.stored += o.stored;
         self.quarantined += o.quarantined;
         self.held += o.held;
-        self.released += o.released;
+        for (mine, theirs) in self.released.iter_mut().zip(o.released) {
+            *mine += theirs;
+        }
         self.unquarantined += o.unquarantined;
     }
 }

@@ -142,7 +142,7 @@ impl Store {
                 unhold(&tx, &batch.broker, batch.entity, &key)?;
                 stats.stored += 1;
                 if let Record::Customer(c) = &valid.record {
-                    stats.released += release_held(&tx, &batch.broker, &c.customer_id)?;
+                    release_held(&tx, &batch.broker, &c.customer_id, &mut stats.released)?;
                 }
             }
             save_progress(&tx, batch, &now)?;
@@ -480,13 +480,18 @@ fn unhold(tx: &Transaction, broker: &str, entity: Entity, key: &str) -> rusqlite
     Ok(())
 }
 
-/// Stores the records held for `customer_id`, now that the customer exists. Returns how many.
-fn release_held(tx: &Transaction, broker: &str, customer_id: &str) -> rusqlite::Result<u64> {
+/// Stores the records held for `customer_id`, now that the customer exists; counts them per
+/// entity into `released`.
+fn release_held(
+    tx: &Transaction,
+    broker: &str,
+    customer_id: &str,
+    released: &mut [u64; 3],
+) -> rusqlite::Result<()> {
     let held: Vec<(String, String)> = tx
         .prepare_cached("SELECT entity, record FROM held WHERE broker = ?1 AND customer_id = ?2")?
         .query_map(params![broker, customer_id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    let mut released = 0;
     for (entity, text) in held {
         // Held records were valid when held; re-validating is cheap and keeps one code path.
         let record = entity
@@ -497,10 +502,10 @@ fn release_held(tx: &Transaction, broker: &str, customer_id: &str) -> rusqlite::
         if let Some(record) = record {
             sqlite::upsert(tx, broker, &record)?;
             unhold(tx, broker, record.entity(), &record.key())?;
-            released += 1;
+            released[record.entity() as usize] += 1;
         }
     }
-    Ok(released)
+    Ok(())
 }
 
 fn save_progress(tx: &Transaction, batch: &PageBatch, now: &str) -> rusqlite::Result<()> {

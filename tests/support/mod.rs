@@ -30,6 +30,8 @@ pub struct Connector {
     pub rate_limit: &'static str,
     /// Extra TOML appended to the `[rest]` table's end (e.g. an auth table).
     pub rest_extra: String,
+    /// Extra TOML at the file's end (e.g. a `[schedule]` table).
+    pub tail: String,
 }
 
 impl Default for Connector {
@@ -43,6 +45,7 @@ impl Default for Connector {
             rate_limit: "5000/s",
             max_retry_time: "3s",
             rest_extra: String::new(),
+            tail: String::new(),
         }
     }
 }
@@ -108,6 +111,7 @@ lookback = "{lookback}"
 settle = "{settle}"
 activity_repull_days = {repull}
 backfill_slice = "{slice}"
+{tail}
 "#,
             url = self.broker.base_url(),
             per_page = c.per_page,
@@ -118,6 +122,7 @@ backfill_slice = "{slice}"
             settle = c.settle,
             repull = c.activity_repull_days,
             slice = c.backfill_slice,
+            tail = c.tail,
         );
         std::fs::write(self.connector_file(), text).unwrap();
     }
@@ -418,4 +423,117 @@ pub fn dataset(customers: usize) -> Dataset {
         activity: customers * 2,
         ..DatasetSpec::default()
     })
+}
+
+/// A free loopback port (bound, then released for the daemon to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `check` every 50 ms until it holds or `timeout` passes; whether it held.
+pub async fn eventually(timeout: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    check()
+}
+
+/// The real binary running `run`, killed when dropped.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Env {
+    /// Settings for a daemon: `/healthz` and `/metrics` on a free port, a short grace period.
+    pub fn daemon_settings(&self, extra: &str) -> u16 {
+        let port = free_port();
+        std::fs::write(
+            &self.config,
+            format!(
+                "state_dir = \"state\"\nconnectors_dir = \"connectors\"\n[daemon]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"10s\"\n{extra}\n"
+            ),
+        )
+        .unwrap();
+        port
+    }
+
+    /// Starts `t360-connector run`, its logs in a file of the env.
+    pub fn start_daemon(&self, port: u16, envs: &[(&str, &str)]) -> Daemon {
+        let log = self.dir.path().join(format!("daemon-{}.log", free_port()));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = self.binary();
+        cmd.arg("run")
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let daemon = Daemon {
+            child: cmd.spawn().expect("spawn the daemon"),
+            port,
+            log,
+        };
+        // The tests read the state database; the daemon creates it first thing.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !self.database().exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        daemon
+    }
+}
+
+impl Daemon {
+    /// Sends a signal by name (`TERM`, `HUP`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
+    /// Waits for the process to exit; its status, or `None` after `timeout`.
+    pub async fn exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET `path` on the daemon's listener: status and body.
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        t360_connector::source::rest::ensure_crypto_provider();
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let response = reqwest::get(&url).await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
