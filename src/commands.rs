@@ -425,9 +425,18 @@ fn demo_connectors(
             .replace("settle = \"30s\"", "settle = \"1s\"");
         // Fast schedules: every two or three seconds instead of minutes and days.
         text = text
-            .replace("customers = \"*/5 * * * *\"", "customers = \"*/2 * * * * *\"")
-            .replace("transactions = \"*/5 * * * *\"", "transactions = \"*/2 * * * * *\"")
-            .replace("trading_activity = \"15 6 * * *\"", "trading_activity = \"*/3 * * * * *\"");
+            .replace(
+                "customers = \"*/5 * * * *\"",
+                "customers = \"*/2 * * * * *\"",
+            )
+            .replace(
+                "transactions = \"*/5 * * * *\"",
+                "transactions = \"*/2 * * * * *\"",
+            )
+            .replace(
+                "trading_activity = \"15 6 * * *\"",
+                "trading_activity = \"*/3 * * * * *\"",
+            );
         if !text.contains("[schedule]") {
             text.push_str(
                 "\n[schedule]\ncustomers = \"*/2 * * * * *\"\ntransactions = \"*/2 * * * * *\"\ntrading_activity = \"*/3 * * * * *\"\n",

@@ -302,3 +302,84 @@ fn metric(page: &str, name: &str, entity: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_run_is_caught_up_at_start_and_a_recent_one_is_not() {
+    // A yearly schedule: without catch-up nothing would run for months.
+    let yearly = Connector {
+        tail: "[schedule]\ncustomers = \"0 0 1 1 *\"\ntransactions = \"0 0 1 1 *\"\ntrading_activity = \"0 0 1 1 *\"\n".into(),
+        ..Connector::default()
+    };
+    let env = Env::start(dataset(20), Paging::Cursor, yearly).await;
+    let port = env.daemon_settings("");
+    let mut daemon = env.start_daemon(port, &[]);
+    assert!(
+        eventually(Duration::from_secs(10), || env
+            .rows(Entity::Transactions)
+            .len()
+            == 40)
+        .await,
+        "a never-synced entity was not caught up: {}",
+        daemon.logs()
+    );
+    daemon.signal("TERM");
+    daemon.exit(Duration::from_secs(10)).await.expect("stopped");
+    let runs = env.count("SELECT count(*) FROM runs");
+    // Restarted: the last success is newer than the last fire time (1 January), so no run.
+    let _again = env.start_daemon(port, &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM runs"),
+        runs,
+        "a run that was not due happened"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_limit_holds_and_a_failing_broker_stalls_no_other() {
+    let connector = Connector {
+        per_page: 10,
+        ..every_second()
+    };
+    let env = Env::start(dataset(40), Paging::Cursor, connector).await;
+    env.broker.set_delay(Duration::from_millis(100));
+    // A second broker whose API is down for good.
+    let down = std::fs::read_to_string(env.connector_file())
+        .unwrap()
+        .replace("broker = \"acme\"", "broker = \"down\"")
+        .replace(&env.broker.base_url(), "http://127.0.0.1:9");
+    env.add_connector("down", &down);
+    let port = env.daemon_settings("max_concurrent_syncs = 1");
+    let daemon = env.start_daemon(port, &[]);
+    assert!(
+        eventually(Duration::from_secs(20), || env
+            .rows(Entity::TradingActivity)
+            .len()
+            == 80)
+        .await,
+        "the healthy broker was stalled: {}",
+        daemon.logs()
+    );
+    // Never two runs at once, across brokers and entities.
+    let runs: Vec<(String, String)> = {
+        let conn = rusqlite::Connection::open(env.database()).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT started_at, finished_at FROM runs WHERE finished_at IS NOT NULL ORDER BY started_at")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    for pair in runs.windows(2) {
+        let finished: Timestamp = pair[0].1.parse().unwrap();
+        let next_started: Timestamp = pair[1].0.parse().unwrap();
+        assert!(
+            next_started >= finished,
+            "two syncs ran at once with a limit of one: {pair:?}"
+        );
+    }
+    assert!(
+        env.count("SELECT count(*) FROM runs WHERE broker = 'down' AND outcome = 'failed'") >= 1
+    );
+}
