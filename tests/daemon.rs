@@ -66,22 +66,8 @@ async fn a_slow_sync_is_never_overlapped_and_its_ticks_are_counted() {
     let port = env.daemon_settings("");
     let daemon = env.start_daemon(port, &[]);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let runs: Vec<(String, String)> = {
-        let conn = rusqlite::Connection::open(env.database()).unwrap();
-        let mut stmt = conn
-            .prepare("SELECT started_at, finished_at FROM runs WHERE entity = 'customers' AND finished_at IS NOT NULL ORDER BY id")
-            .unwrap();
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
-    };
-    assert!(runs.len() >= 2, "too few runs to judge: {runs:?}");
-    for pair in runs.windows(2) {
-        let finished: Timestamp = pair[0].1.parse().unwrap();
-        let next_started: Timestamp = pair[1].0.parse().unwrap();
-        assert!(next_started >= finished, "runs overlapped: {pair:?}");
-    }
+    let runs = assert_runs_never_overlap(&env, "entity = 'customers'");
+    assert!(runs >= 2, "too few runs to judge: {runs}");
     let (_, metrics) = daemon.get("/metrics").await.expect("metrics");
     let skipped = metric(&metrics, "t360_schedule_ticks_skipped_total", "customers");
     assert!(skipped >= 1.0, "no skipped tick counted:\n{metrics}");
@@ -292,6 +278,27 @@ async fn json_logs_carry_broker_entity_and_run_id() {
     }
 }
 
+/// Asserts that no two finished runs matching `filter` (an SQL condition) overlapped in time;
+/// returns how many there were.
+fn assert_runs_never_overlap(env: &Env, filter: &str) -> usize {
+    let conn = rusqlite::Connection::open(env.database()).unwrap();
+    let sql = format!(
+        "SELECT started_at, finished_at FROM runs WHERE finished_at IS NOT NULL AND {filter} ORDER BY started_at"
+    );
+    let mut stmt = conn.prepare(&sql).unwrap();
+    let runs: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for pair in runs.windows(2) {
+        let finished: Timestamp = pair[0].1.parse().unwrap();
+        let next_started: Timestamp = pair[1].0.parse().unwrap();
+        assert!(next_started >= finished, "runs overlapped: {pair:?}");
+    }
+    runs.len()
+}
+
 /// The value of `name{broker="acme",entity="<entity>",…}` in a Prometheus text page, summed
 /// over the other labels.
 fn metric(page: &str, name: &str, entity: &str) -> f64 {
@@ -361,24 +368,7 @@ async fn the_global_limit_holds_and_a_failing_broker_stalls_no_other() {
         daemon.logs()
     );
     // Never two runs at once, across brokers and entities.
-    let runs: Vec<(String, String)> = {
-        let conn = rusqlite::Connection::open(env.database()).unwrap();
-        let mut stmt = conn
-            .prepare("SELECT started_at, finished_at FROM runs WHERE finished_at IS NOT NULL ORDER BY started_at")
-            .unwrap();
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
-    };
-    for pair in runs.windows(2) {
-        let finished: Timestamp = pair[0].1.parse().unwrap();
-        let next_started: Timestamp = pair[1].0.parse().unwrap();
-        assert!(
-            next_started >= finished,
-            "two syncs ran at once with a limit of one: {pair:?}"
-        );
-    }
+    assert_runs_never_overlap(&env, "1 = 1");
     assert!(
         env.count("SELECT count(*) FROM runs WHERE broker = 'down' AND outcome = 'failed'") >= 1
     );

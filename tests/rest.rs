@@ -144,26 +144,7 @@ async fn offset_paging_under_concurrent_mutation_loses_nothing() {
             });
     }
     env.sync_broker(LEGACY).await.expect("sync");
-    let cursor: Timestamp = env
-        .cursor_of(LEGACY, Entity::Customers)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let rows = env.rows_of(LEGACY, Entity::Customers);
-    for (key, row) in env.truth(Entity::Customers) {
-        let modified: Timestamp = row["last_modified_date"]
-            .as_deref()
-            .unwrap()
-            .parse()
-            .unwrap();
-        if modified <= cursor {
-            assert_eq!(
-                rows.get(&key),
-                Some(&row),
-                "{key} was skipped while records moved"
-            );
-        }
-    }
+    env.assert_cursor_covers_store(LEGACY, Entity::Customers);
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     env.sync_broker(LEGACY).await.expect("second sync");
     assert_same(

@@ -246,6 +246,31 @@ backfill_slice = "{slice}"
         self.cursor_of(BROKER, entity)
     }
 
+    /// Every record of the broker stamped at or before `broker`'s cursor of `entity` is stored
+    /// as the broker has it: the cursor never runs ahead of the data it covers, and nothing
+    /// inside a synced window was skipped. A no-op before the first cursor.
+    pub fn assert_cursor_covers_store(&self, broker: &str, entity: Entity) {
+        let Some(cursor) = self.cursor_of(broker, entity) else {
+            return;
+        };
+        let cursor: jiff::Timestamp = cursor.parse().unwrap();
+        let rows = self.rows_of(broker, entity);
+        for (key, row) in self.truth(entity) {
+            let modified: jiff::Timestamp = row["last_modified_date"]
+                .as_deref()
+                .unwrap()
+                .parse()
+                .unwrap();
+            if modified <= cursor {
+                assert_eq!(
+                    rows.get(&key),
+                    Some(&row),
+                    "{broker} {entity} {key}, stamped before the cursor, is missing or stale"
+                );
+            }
+        }
+    }
+
     pub fn cursor_of(&self, broker: &str, entity: Entity) -> Option<String> {
         self.open()
             .query_row(
@@ -357,47 +382,7 @@ pub fn row_of(entity: Entity, record: &Value) -> Row {
 }
 
 pub fn columns(entity: Entity) -> &'static [&'static str] {
-    match entity {
-        Entity::Customers => &[
-            "customer_id",
-            "signup_date",
-            "last_modified_date",
-            "affiliate_id",
-            "campaign_id",
-            "click_id",
-            "lang_id",
-            "country_code",
-            "kyc_status_id",
-            "sales_status_id",
-            "trading_account_type",
-            "leverage",
-            "first_name",
-            "last_name",
-            "email",
-        ],
-        Entity::Transactions => &[
-            "transaction_id",
-            "customer_id",
-            "transaction_type",
-            "amount",
-            "currency",
-            "transaction_date",
-            "status",
-            "last_modified_date",
-        ],
-        Entity::TradingActivity => &[
-            "date",
-            "customer_id",
-            "instrument",
-            "lots_traded",
-            "volume_usd",
-            "spread_cost",
-            "commission",
-            "pnl",
-            "currency",
-            "last_modified_date",
-        ],
-    }
+    entity.fields()
 }
 
 fn key_of_row(entity: Entity, row: &Row) -> String {
