@@ -12,7 +12,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::ConnectorPlan;
 use crate::model::{Entity, Record};
-use crate::sink::{CommitStats, PageBatch, Progress, Reject, Sink, Valid};
+use crate::sink::{CommitStats, PageBatch, Progress, Reject, Sink, SinkError, Valid};
 use crate::source::{Page, Source, SourceError, Window};
 use crate::state::{Store, StoreError};
 use crate::telemetry;
@@ -32,6 +32,12 @@ pub enum EngineError {
         broker: String,
         entity: Entity,
         source: StoreError,
+    },
+    #[error("{broker}/{entity}: {source}")]
+    Sink {
+        broker: String,
+        entity: Entity,
+        source: SinkError,
     },
     /// Asked to stop: the pages read so far are committed, the cursor stays where it was.
     #[error("{broker}/{entity}: stopped before the window's end")]
@@ -178,18 +184,29 @@ impl Runner<'_> {
             source,
         };
         // One page of look-ahead: a page is committed once we know whether it is the last,
-        // so that the last page's records and the checkpoint share one transaction.
+        // so that the last page's records and the checkpoint share one transaction. The page
+        // is delivered (a remote sink posts it) while the next one is fetched: at most one page
+        // in delivery and one in flight from the broker.
         let mut current = pager.next_page().await.map_err(source_error)?;
         while let Some(page) = current {
-            let next = match pager.next_page().await {
+            let pulled = page.records.len();
+            let mut batch = self.batch(entity, page);
+            let (delivered, next) = tokio::join!(self.sink.deliver(&mut batch), pager.next_page());
+            // Undelivered: nothing of this page is committed and the cursor stays.
+            delivered.map_err(|source| EngineError::Sink {
+                broker: self.plan.broker.clone(),
+                entity,
+                source,
+            })?;
+            let next = match next {
                 Ok(next) => next,
                 Err(e) => {
-                    // Keep what was received: store the page in hand, then fail.
-                    self.commit(entity, page, Progress::None, summary).await?;
+                    // Keep what was received: commit the page in hand, then fail.
+                    self.finalize(entity, batch, pulled, summary).await?;
                     return Err(source_error(e));
                 }
             };
-            let progress = match (&next, lane) {
+            batch.progress = match (&next, lane) {
                 (Some(_), _) => Progress::None,
                 (None, Lane::Live) => Progress::Cursor(window.to),
                 (None, Lane::Backfill { since }) => Progress::Backfill {
@@ -197,7 +214,7 @@ impl Runner<'_> {
                     done_until: window.to,
                 },
             };
-            self.commit(entity, page, progress, summary).await?;
+            self.finalize(entity, batch, pulled, summary).await?;
             current = next;
             if current.is_some() && self.stop.is_cancelled() {
                 // The page in hand is committed; the rest of the window waits for the next run.
@@ -229,17 +246,11 @@ impl Runner<'_> {
         Ok(())
     }
 
-    async fn commit(
-        &self,
-        entity: Entity,
-        page: Page,
-        progress: Progress,
-        summary: &mut RunSummary,
-    ) -> Result<(), EngineError> {
-        let pulled = page.records.len();
+    /// A page, normalised and validated, ready for the sink (progress decided later).
+    fn batch(&self, entity: Entity, page: Page) -> PageBatch {
         let (records, rejects) = self.prepare(entity, page.records);
         if let Some(first) = rejects.first() {
-            // One line per page; `t360-connector quarantine` lists every record and reason.
+            // One line per page; `t360-connector quarantine list` shows every record and reason.
             warn!(
                 count = rejects.len(),
                 first_key = %first.key,
@@ -248,16 +259,25 @@ impl Runner<'_> {
                 "Records quarantined."
             );
         }
-        let batch = PageBatch {
+        PageBatch {
             broker: self.plan.broker.clone(),
             entity,
             records,
             rejects,
-            progress,
-        };
+            progress: Progress::None,
+        }
+    }
+
+    async fn finalize(
+        &self,
+        entity: Entity,
+        batch: PageBatch,
+        pulled: usize,
+        summary: &mut RunSummary,
+    ) -> Result<(), EngineError> {
         let stats = self
             .sink
-            .commit(batch)
+            .finalize(batch)
             .await
             .map_err(|source| self.store_error(entity, source))?;
         debug!(records = pulled, stored = stats.stored, "Page stored.");

@@ -83,9 +83,23 @@ impl std::ops::AddAssign for CommitStats {
     }
 }
 
-/// Stores batches. `commit` returns only when the batch and its progress are durable.
+/// A delivery that did not happen: the page is not committed and the cursor stays.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("POST {url}: {message}")]
+    Delivery { url: String, message: String },
+}
+
+/// Where validated records go.
+///
+/// `deliver` hands a page's records to their destination and returns once it acknowledged
+/// them (records it rejects move to the batch's rejects); the embedded store has nothing to do
+/// there. `finalize` then makes the batch (records kept locally, quarantine, held orphans) and
+/// its progress durable in one local transaction. The engine runs `deliver` while it fetches the
+/// next page, and `finalize` once it knows whether the page was the window's last.
 pub trait Sink: Send + Sync {
-    fn commit(&self, batch: PageBatch) -> BoxFuture<'_, Result<CommitStats, StoreError>>;
+    fn deliver<'a>(&'a self, batch: &'a mut PageBatch) -> BoxFuture<'a, Result<(), SinkError>>;
+    fn finalize(&self, batch: PageBatch) -> BoxFuture<'_, Result<CommitStats, StoreError>>;
 }
 
 /// The embedded SQLite store as a sink.
@@ -99,14 +113,23 @@ impl EmbeddedSink {
     }
 }
 
+/// Commits `batch` in the store, off the async workers (SQLite blocks).
+pub async fn commit_locally(
+    store: &Arc<Store>,
+    batch: PageBatch,
+) -> Result<CommitStats, StoreError> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || store.commit_page(&batch))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
 impl Sink for EmbeddedSink {
-    fn commit(&self, batch: PageBatch) -> BoxFuture<'_, Result<CommitStats, StoreError>> {
-        let store = Arc::clone(&self.store);
-        Box::pin(async move {
-            // SQLite blocks; keep it off the async workers.
-            tokio::task::spawn_blocking(move || store.commit_page(&batch))
-                .await
-                .map_err(|e| StoreError::Task(e.to_string()))?
-        })
+    fn deliver<'a>(&'a self, _batch: &'a mut PageBatch) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn finalize(&self, batch: PageBatch) -> BoxFuture<'_, Result<CommitStats, StoreError>> {
+        Box::pin(commit_locally(&self.store, batch))
     }
 }
