@@ -14,7 +14,7 @@ use crate::config::{self, ConnectorPlan, Loaded, SourcePlan, plan::parse_instant
 use crate::engine::Runner;
 use crate::model::Entity;
 use crate::sample_broker::{Dataset, DatasetSpec, OAuthClient, Paging, SampleBroker};
-use crate::sink::EmbeddedSink;
+use crate::sink::Sinks;
 use crate::source::Source;
 use crate::source::rest::RestSource;
 use crate::state::Store;
@@ -113,17 +113,18 @@ pub fn stop_on_signal() -> CancellationToken {
 pub async fn sync(config_path: Option<&std::path::Path>, args: &SyncArgs) -> anyhow::Result<()> {
     let loaded = load(config_path)?;
     let store = open_store(&loaded)?;
-    let sink = EmbeddedSink::new(Arc::clone(&store));
+    let sinks = Sinks::new(Arc::clone(&store), &loaded.settings.sink)?;
     let selected = select(&loaded, args.broker.as_deref())?;
     let stop = stop_on_signal();
     let mut failures = Vec::new();
     let mut runs = 0;
     for plan in &selected {
         let source = source_for(plan)?;
+        let sink = sinks.for_connector(plan).map_err(ConfigProblems)?;
         let runner = Runner {
             plan,
             source: source.as_ref(),
-            sink: &sink,
+            sink: sink.as_ref(),
             store: &store,
             stop: stop.clone(),
         };
@@ -173,12 +174,14 @@ pub async fn backfill(
     let loaded = load(config_path)?;
     let plan = loaded.connector(&args.broker).map_err(ConfigProblems)?;
     let store = open_store(&loaded)?;
-    let sink = EmbeddedSink::new(Arc::clone(&store));
+    let sink = Sinks::new(Arc::clone(&store), &loaded.settings.sink)?
+        .for_connector(plan)
+        .map_err(ConfigProblems)?;
     let source = source_for(plan)?;
     let runner = Runner {
         plan,
         source: source.as_ref(),
-        sink: &sink,
+        sink: sink.as_ref(),
         store: &store,
         stop: stop_on_signal(),
     };

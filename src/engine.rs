@@ -265,6 +265,8 @@ impl Runner<'_> {
             records,
             rejects,
             progress: Progress::None,
+            keep_records: true,
+            hold_orphans: true,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod http;
 pub mod model;
 pub mod normalise;
 pub mod sample_broker;

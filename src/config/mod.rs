@@ -158,6 +158,18 @@ pub fn load_connectors(settings: &Settings) -> (Vec<ConnectorPlan>, Vec<ConfigEr
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     for file in files {
         match load_connector(&file, settings) {
+            Ok(plan)
+                if matches!(
+                    plan.sink,
+                    Some(plan::SinkKind::Track360 | plan::SinkKind::Both)
+                ) && settings.sink.track360.is_none() =>
+            {
+                problems.push(ConfigError::new(
+                    &file,
+                    "sink",
+                    "a track360 sink needs a [sink.track360] table in the settings file",
+                ));
+            }
             Ok(plan) => {
                 if let Some(first) = seen.insert(plan.broker.clone(), file.clone()) {
                     problems.push(ConfigError::new(

@@ -26,7 +26,49 @@ pub struct Settings {
     pub connectors_dir: PathBuf,
     pub sync: RawSync,
     pub daemon: DaemonPlan,
+    pub sink: SinkPlan,
 }
+
+/// Where records go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    Sqlite,
+    Track360,
+    Both,
+}
+
+impl SinkKind {
+    pub fn parse(text: &str) -> Result<SinkKind, String> {
+        match text {
+            "sqlite" => Ok(SinkKind::Sqlite),
+            "track360" => Ok(SinkKind::Track360),
+            "both" => Ok(SinkKind::Both),
+            other => Err(format!("`{other}` is not one of: sqlite, track360, both")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkPlan {
+    pub kind: SinkKind,
+    pub track360: Option<Track360Plan>,
+}
+
+/// Track360's ingestion API.
+#[derive(Debug, Clone)]
+pub struct Track360Plan {
+    pub base_url: Url,
+    pub oauth: OAuth2Plan,
+    pub batch_size: usize,
+    pub rate_limit: RateLimit,
+    pub max_retry_time: Duration,
+    pub timeout: Duration,
+    /// `{"data": [...]}` when true, a bare array otherwise.
+    pub wrap_in_data: bool,
+}
+
+/// The guide's bulk limit.
+pub const MAX_BATCH: usize = 1000;
 
 /// `t360-connector run`'s settings.
 #[derive(Debug, Clone)]
@@ -60,6 +102,8 @@ pub struct ConnectorPlan {
     pub schedules: [Schedule; 3],
     /// A digest of the file's text: a reload restarts a connector whose file changed.
     pub fingerprint: u64,
+    /// This broker's sink, when it differs from the daemon's.
+    pub sink: Option<SinkKind>,
 }
 
 #[derive(Debug, Clone)]
@@ -248,6 +292,7 @@ impl Settings {
             }
         };
         let grace = optional_duration(&d.shutdown_grace, "30s", "daemon.shutdown_grace", problems);
+        let sink = sink_plan(&raw.sink, problems);
         Settings {
             state_dir: base.join(&raw.state_dir),
             connectors_dir: base.join(&raw.connectors_dir),
@@ -257,6 +302,10 @@ impl Settings {
                 max_concurrent_syncs: max.unwrap_or(4),
                 shutdown_grace: grace.map_or(Duration::from_secs(30), |g| g.unsigned_abs()),
             },
+            sink: sink.unwrap_or(SinkPlan {
+                kind: SinkKind::Sqlite,
+                track360: None,
+            }),
         }
     }
 }
@@ -330,6 +379,10 @@ pub(super) fn connector_plan(
         }
     };
     let schedules = schedule_plan(&raw.schedule, problems);
+    let sink = match &raw.sink {
+        None => Some(None),
+        Some(text) => problems.take("sink", SinkKind::parse(text)).map(Some),
+    };
     Some(ConnectorPlan {
         broker,
         file: file.to_owned(),
@@ -341,6 +394,94 @@ pub(super) fn connector_plan(
         sync: sync?,
         schedules: schedules?,
         fingerprint: 0,
+        sink: sink?,
+    })
+}
+
+fn sink_plan(raw: &super::raw::RawSink, problems: &mut Problems) -> Option<SinkPlan> {
+    let kind = match raw.kind.as_deref() {
+        None => SinkKind::Sqlite,
+        Some(text) => problems.take("sink.kind", SinkKind::parse(text))?,
+    };
+    let track360 = match &raw.track360 {
+        None if kind != SinkKind::Sqlite => {
+            problems.add("sink.track360", "sink.kind needs a [sink.track360] table");
+            return None;
+        }
+        None => None,
+        Some(t) => Some(track360_plan(t, problems)?),
+    };
+    Some(SinkPlan { kind, track360 })
+}
+
+fn track360_plan(raw: &super::raw::RawTrack360, problems: &mut Problems) -> Option<Track360Plan> {
+    let base_url = http_url(
+        &raw.base_url,
+        raw.allow_http,
+        "sink.track360.base_url",
+        problems,
+    );
+    let token_url = http_url(
+        &raw.token_url,
+        raw.allow_http,
+        "sink.track360.token_url",
+        problems,
+    );
+    let secret = super::secret::load(
+        raw.client_secret_env.as_deref(),
+        raw.client_secret_file.as_deref(),
+        "sink.track360.client_secret",
+    );
+    let secret = problems.take("sink.track360", secret);
+    let batch_size = match raw.batch_size {
+        None => Some(MAX_BATCH),
+        Some(n) if (1..=MAX_BATCH as i64).contains(&n) => Some(n as usize),
+        Some(n) => {
+            problems.add(
+                "sink.track360.batch_size",
+                format!("must be between 1 and {MAX_BATCH}, found {n}"),
+            );
+            None
+        }
+    };
+    let rate_limit = match &raw.rate_limit {
+        None => Some(RateLimit {
+            requests: 1000,
+            per: Duration::from_secs(60),
+        }),
+        Some(value) => problems.take("sink.track360.rate_limit", parse_rate_limit(value)),
+    };
+    let max_retry_time = optional_duration(
+        &raw.max_retry_time,
+        "5m",
+        "sink.track360.max_retry_time",
+        problems,
+    );
+    let timeout = optional_duration(&raw.timeout, "60s", "sink.track360.timeout", problems);
+    let wrap_in_data = match raw.body.as_deref() {
+        None | Some("data") => Some(true),
+        Some("array") => Some(false),
+        Some(other) => {
+            problems.add(
+                "sink.track360.body",
+                format!("`{other}` is not one of: data, array"),
+            );
+            None
+        }
+    };
+    Some(Track360Plan {
+        base_url: base_url?,
+        oauth: OAuth2Plan {
+            token_url: token_url?,
+            client_id: raw.client_id.clone(),
+            client_secret: secret?,
+            scopes: raw.scopes.clone(),
+        },
+        batch_size: batch_size?,
+        rate_limit: rate_limit?,
+        max_retry_time: max_retry_time?.unsigned_abs(),
+        timeout: timeout?.unsigned_abs(),
+        wrap_in_data: wrap_in_data?,
     })
 }
 

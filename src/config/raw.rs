@@ -18,6 +18,38 @@ pub struct RawSettings {
     pub sync: RawSync,
     #[serde(default)]
     pub daemon: RawDaemon,
+    #[serde(default)]
+    pub sink: RawSink,
+}
+
+/// Where records go: `sqlite` (the embedded store), `track360` (the ingestion API) or `both`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSink {
+    pub kind: Option<String>,
+    pub track360: Option<RawTrack360>,
+}
+
+/// Track360's ingestion API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrack360 {
+    pub base_url: String,
+    #[serde(default)]
+    pub allow_http: bool,
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret_env: Option<String>,
+    pub client_secret_file: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Records per request, at most 1000.
+    pub batch_size: Option<i64>,
+    pub rate_limit: Option<toml::Value>,
+    pub max_retry_time: Option<String>,
+    pub timeout: Option<String>,
+    /// The request body: `data` (`{"data": [...]}`, the default) or `array` (`[...]`).
+    pub body: Option<String>,
 }
 
 /// `t360-connector run`'s settings.
@@ -74,6 +106,8 @@ pub struct RawConnector {
     pub sync: RawSync,
     #[serde(default)]
     pub schedule: RawSchedule,
+    /// Overrides the daemon's `sink.kind` for this broker.
+    pub sink: Option<String>,
 }
 
 fn yes() -> bool {

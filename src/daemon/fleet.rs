@@ -89,6 +89,11 @@ impl Fleet {
         let source: Arc<dyn Source> = match &plan.source {
             SourcePlan::Rest(rest) => Arc::new(RestSource::new(&plan.broker, rest, &plan.zone)?),
         };
+        let sink = self
+            .ctx
+            .sinks
+            .for_connector(&plan)
+            .map_err(anyhow::Error::msg)?;
         let stop = self.shutdown.child_token();
         let plan = Arc::new(plan);
         for entity in plan.entities.iter().copied() {
@@ -97,6 +102,7 @@ impl Fleet {
                 Arc::clone(&self.ctx),
                 Arc::clone(&plan),
                 Arc::clone(&source),
+                Arc::clone(&sink),
                 entity,
                 lock,
                 stop.clone(),

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
-use crate::sink::EmbeddedSink;
+use crate::sink::Sinks;
 use crate::state::Store;
 use crate::telemetry;
 use fleet::Fleet;
@@ -37,7 +37,7 @@ const TICK: Duration = Duration::from_secs(5);
 /// What every worker shares.
 pub(crate) struct Context {
     pub store: Arc<Store>,
-    pub sink: EmbeddedSink,
+    pub sinks: Sinks,
     pub slots: Arc<tokio::sync::Semaphore>,
     pub max_slots: usize,
     pub health: Arc<Health>,
@@ -57,7 +57,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
     let store = Arc::new(Store::open(&settings.database_path())?);
     let health = Arc::new(Health::default());
     let ctx = Arc::new(Context {
-        sink: EmbeddedSink::new(Arc::clone(&store)),
+        sinks: Sinks::new(Arc::clone(&store), &settings.sink)?,
         store,
         slots: Arc::new(tokio::sync::Semaphore::new(
             settings.daemon.max_concurrent_syncs,

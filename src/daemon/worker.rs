@@ -13,6 +13,7 @@ use super::Context;
 use crate::config::ConnectorPlan;
 use crate::engine::{EngineError, Runner};
 use crate::model::Entity;
+use crate::sink::Sink;
 use crate::source::Source;
 use crate::telemetry;
 
@@ -23,6 +24,7 @@ pub async fn worker(
     ctx: Arc<Context>,
     plan: Arc<ConnectorPlan>,
     source: Arc<dyn Source>,
+    sink: Arc<dyn Sink>,
     entity: Entity,
     lock: EntityLock,
     stop: CancellationToken,
@@ -87,7 +89,7 @@ pub async fn worker(
             let runner = Runner {
                 plan: &plan,
                 source: source.as_ref(),
-                sink: &ctx.sink,
+                sink: sink.as_ref(),
                 store: &ctx.store,
                 stop: stop.clone(),
             };

@@ -264,3 +264,79 @@ impl Record {
         }
     }
 }
+
+impl Record {
+    /// The record as Track360's ingestion API takes it: the guide's field names, instants in
+    /// RFC 3339 UTC, `date` as YYYY-MM-DD, money and lots as JSON numbers with their exact
+    /// digits (never through a float). Absent optional fields are left out.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::{Map, Value};
+        fn text(m: &mut Map<String, Value>, k: &str, v: Option<&str>) {
+            if let Some(v) = v {
+                m.insert(k.into(), Value::String(v.to_owned()));
+            }
+        }
+        fn instant(m: &mut Map<String, Value>, k: &str, v: Option<Timestamp>) {
+            text(m, k, v.map(|t| t.to_string()).as_deref());
+        }
+        fn number(m: &mut Map<String, Value>, k: &str, v: Option<Decimal>) {
+            if let Some(v) = v {
+                // With serde_json's arbitrary_precision, a Number keeps the decimal's digits.
+                let n: serde_json::Number =
+                    v.to_string().parse().expect("a decimal is a JSON number");
+                m.insert(k.into(), Value::Number(n));
+            }
+        }
+        let mut m = Map::new();
+        match self {
+            Record::Customer(c) => {
+                text(&mut m, "customer_id", Some(&c.customer_id));
+                instant(&mut m, "signup_date", Some(c.signup_date));
+                instant(&mut m, "last_modified_date", c.last_modified_date);
+                text(&mut m, "affiliate_id", Some(&c.affiliate_id));
+                for (k, v) in [
+                    ("campaign_id", &c.campaign_id),
+                    ("click_id", &c.click_id),
+                    ("lang_id", &c.lang_id),
+                    ("country_code", &c.country_code),
+                    ("kyc_status_id", &c.kyc_status_id),
+                    ("sales_status_id", &c.sales_status_id),
+                    ("trading_account_type", &c.trading_account_type),
+                    ("leverage", &c.leverage),
+                    ("first_name", &c.first_name),
+                    ("last_name", &c.last_name),
+                    ("email", &c.email),
+                ] {
+                    text(&mut m, k, v.as_deref());
+                }
+            }
+            Record::Transaction(t) => {
+                text(&mut m, "transaction_id", Some(&t.transaction_id));
+                text(&mut m, "customer_id", Some(&t.customer_id));
+                text(
+                    &mut m,
+                    "transaction_type",
+                    Some(t.transaction_type.as_str()),
+                );
+                number(&mut m, "amount", Some(t.amount));
+                text(&mut m, "currency", Some(&t.currency));
+                instant(&mut m, "transaction_date", Some(t.transaction_date));
+                text(&mut m, "status", Some(&t.status));
+                instant(&mut m, "last_modified_date", t.last_modified_date);
+            }
+            Record::TradingActivity(a) => {
+                text(&mut m, "date", Some(&a.date.to_string()));
+                text(&mut m, "customer_id", Some(&a.customer_id));
+                text(&mut m, "instrument", Some(&a.instrument));
+                number(&mut m, "lots_traded", Some(a.lots_traded));
+                number(&mut m, "volume_usd", a.volume_usd);
+                number(&mut m, "spread_cost", a.spread_cost);
+                number(&mut m, "commission", a.commission);
+                number(&mut m, "pnl", a.pnl);
+                text(&mut m, "currency", Some(&a.currency));
+                instant(&mut m, "last_modified_date", a.last_modified_date);
+            }
+        }
+        Value::Object(m)
+    }
+}

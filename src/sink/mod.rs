@@ -6,6 +6,7 @@
 //! plugs in behind the same trait: deliver, await the acknowledgement, then commit progress.
 
 pub mod sqlite;
+pub mod track360;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +15,8 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use serde_json::Value;
 
+use crate::config::ConnectorPlan;
+use crate::config::plan::{SinkKind, SinkPlan};
 use crate::model::{Entity, Record};
 use crate::state::{Store, StoreError};
 
@@ -29,6 +32,12 @@ pub struct PageBatch {
     pub rejects: Vec<Reject>,
     /// What becomes true once this batch is durable.
     pub progress: Progress,
+    /// Whether the valid records are written to the embedded store (a `track360`-only sink
+    /// keeps only quarantine and checkpoints locally).
+    pub keep_records: bool,
+    /// Whether records whose customer is not stored yet are held (only where the embedded
+    /// store is the destination: the ingestion API judges references itself).
+    pub hold_orphans: bool,
 }
 
 /// A record that passed validation, with its Track360-shaped JSON (kept for held orphans).
@@ -131,5 +140,47 @@ impl Sink for EmbeddedSink {
 
     fn finalize(&self, batch: PageBatch) -> BoxFuture<'_, Result<CommitStats, StoreError>> {
         Box::pin(commit_locally(&self.store, batch))
+    }
+}
+
+/// The sinks of one process: the embedded store, and the Track360 client when configured.
+pub struct Sinks {
+    store: Arc<Store>,
+    default: SinkKind,
+    track360: Option<Arc<track360::Track360Client>>,
+}
+
+impl Sinks {
+    pub fn new(store: Arc<Store>, plan: &SinkPlan) -> Result<Sinks, reqwest::Error> {
+        let track360 = match &plan.track360 {
+            Some(t) => Some(Arc::new(track360::Track360Client::new(t)?)),
+            None => None,
+        };
+        Ok(Sinks {
+            store,
+            default: plan.kind,
+            track360,
+        })
+    }
+
+    /// The sink of `connector`: its own choice, else the daemon's.
+    pub fn for_connector(&self, connector: &ConnectorPlan) -> Result<Arc<dyn Sink>, String> {
+        let kind = connector.sink.unwrap_or(self.default);
+        let remote = |keep_local| match &self.track360 {
+            Some(client) => Ok(Arc::new(track360::Track360Sink::new(
+                Arc::clone(client),
+                Arc::clone(&self.store),
+                keep_local,
+            )) as Arc<dyn Sink>),
+            None => Err(format!(
+                "{}: sink {kind:?} needs a [sink.track360] table in the settings",
+                connector.broker
+            )),
+        };
+        match kind {
+            SinkKind::Sqlite => Ok(Arc::new(EmbeddedSink::new(Arc::clone(&self.store)))),
+            SinkKind::Track360 => remote(false),
+            SinkKind::Both => remote(true),
+        }
     }
 }

@@ -129,9 +129,16 @@ impl Store {
             for valid in &batch.records {
                 let key = valid.record.key();
                 stats.unquarantined += unquarantine(&tx, &batch.broker, batch.entity, &key)?;
+                if !batch.keep_records {
+                    // Delivered elsewhere (the ingestion API acknowledged it).
+                    stats.stored += 1;
+                    continue;
+                }
                 let orphan = match valid.record.parent_customer() {
-                    Some(customer) => !sqlite::customer_exists(&tx, &batch.broker, customer)?,
-                    None => false,
+                    Some(customer) if batch.hold_orphans => {
+                        !sqlite::customer_exists(&tx, &batch.broker, customer)?
+                    }
+                    _ => false,
                 };
                 if orphan {
                     hold(&tx, &batch.broker, &valid.record, &valid.normalised, &now)?;

@@ -2,25 +2,21 @@
 //! connector's credentials, and is retried with exponential backoff and jitter on connection
 //! errors, timeouts, 5xx and 429 (honouring `Retry-After`) within a bounded total time.
 
-use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use reqwest::header::{ACCEPT, HeaderMap, LINK, RETRY_AFTER};
+use backon::Retryable;
+use governor::{DefaultDirectRateLimiter, RateLimiter};
+use reqwest::header::{ACCEPT, HeaderMap, LINK};
 use reqwest::{StatusCode, Url};
 use serde_json::Value;
 use tracing::warn;
 
 use super::auth::Auth;
 use crate::config::RestPlan;
-use crate::config::plan::RateLimit;
+use crate::http;
 use crate::model::Entity;
 use crate::source::SourceError;
 use crate::telemetry;
-
-/// How much of an error body goes into a message.
-const ERROR_BODY_CHARS: usize = 300;
 
 /// A page as received: its JSON body and the `Link: rel="next"` target, if any.
 pub struct Fetched {
@@ -53,7 +49,7 @@ impl HttpClient {
         Ok(HttpClient {
             auth: Auth::new(&plan.auth, &client),
             client,
-            limiter: RateLimiter::direct(quota(plan.rate_limit)),
+            limiter: RateLimiter::direct(http::quota(plan.rate_limit)),
             max_retry_time: plan.max_retry_time,
             broker: broker.to_owned(),
         })
@@ -78,11 +74,7 @@ impl HttpClient {
         let budget = self.max_retry_time;
         // No count limit: the budget is time. Every wait is cut to what is left of it, so the
         // last attempt runs just as the budget ends.
-        let backoff = ExponentialBuilder::default()
-            .with_jitter()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(30))
-            .without_max_times();
+        let backoff = http::backoff();
         let refreshed = std::sync::atomic::AtomicBool::new(false);
         let broker = self.broker.as_str();
         (|| async { self.attempt(url, entity, &refreshed).await })
@@ -113,7 +105,7 @@ impl HttpClient {
         // says where, redacted.
         let transport = |e: reqwest::Error| SourceError::Transport {
             url: shown.clone(),
-            message: error_chain(&e.without_url()),
+            message: http::error_chain(&e.without_url()),
         };
         let request = self
             .client
@@ -142,41 +134,19 @@ impl HttpClient {
             return Err(SourceError::Status {
                 url: shown,
                 status: status.as_u16(),
-                body: snippet(&body),
-                retry_after: retry_after(&headers),
+                body: http::snippet(&body),
+                retry_after: http::retry_after(&headers),
             });
         }
         let body = serde_json::from_slice(&body).map_err(|e| SourceError::BadPage {
             url: shown.clone(),
-            message: format!("body is not JSON ({e}): {}", snippet(&body)),
+            message: format!("body is not JSON ({e}): {}", http::snippet(&body)),
         })?;
         Ok(Fetched {
             body,
             link_next: link_next(&headers),
         })
     }
-}
-
-/// At most `limit.requests` in any window of `limit.per`: a small burst, then even spacing,
-/// with burst + refills in one window never above the limit.
-fn quota(limit: RateLimit) -> Quota {
-    let burst = (limit.requests / 20).max(1);
-    let refills = limit.requests.saturating_sub(burst).max(1);
-    let period = (limit.per / refills).max(Duration::from_micros(1));
-    Quota::with_period(period)
-        .expect("period is positive")
-        .allow_burst(NonZeroU32::new(burst).expect("burst is positive"))
-}
-
-/// `Retry-After` in seconds or as an HTTP date.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = text.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = jiff::fmt::rfc2822::parse(text).ok()?.timestamp();
-    let wait = at.duration_since(jiff::Timestamp::now());
-    Some(wait.try_into().unwrap_or(Duration::ZERO))
 }
 
 /// The target of `Link: <…>; rel="next"`.
@@ -213,27 +183,6 @@ pub fn parse_link_next(header: &str) -> Option<String> {
     None
 }
 
-fn snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let mut cut: String = text.chars().take(ERROR_BODY_CHARS).collect();
-    if text.chars().count() > ERROR_BODY_CHARS {
-        cut.push('…');
-    }
-    cut.replace(['\n', '\r'], " ")
-}
-
-/// reqwest's top-level message ("error sending request") hides the cause; show the chain.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,40 +203,5 @@ mod tests {
             parse_link_next("</x?p=2>; rel=next").as_deref(),
             Some("/x?p=2")
         );
-    }
-
-    #[test]
-    fn retry_after_reads_seconds_and_dates() {
-        let mut h = HeaderMap::new();
-        h.insert(RETRY_AFTER, "7".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
-        h.insert(
-            RETRY_AFTER,
-            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
-        );
-        assert_eq!(
-            retry_after(&h),
-            Some(Duration::ZERO),
-            "a date in the past means now"
-        );
-    }
-
-    #[test]
-    fn the_quota_never_allows_more_than_the_limit_in_a_window() {
-        for (requests, per) in [(1000, 60), (50, 1), (7, 60), (1, 60)] {
-            let limit = RateLimit {
-                requests,
-                per: Duration::from_secs(per),
-            };
-            let q = quota(limit);
-            let burst = q.burst_size().get();
-            // In any half-open window of `per`: the burst, then one per interval.
-            let in_window =
-                burst as u128 + (limit.per.as_nanos() - 1) / q.replenish_interval().as_nanos();
-            assert!(
-                in_window <= requests as u128,
-                "{requests}/{per}s allows {in_window}"
-            );
-        }
     }
 }

@@ -1,0 +1,107 @@
+//! What every HTTP client of the daemon shares: the retry policy, `Retry-After`, the rate
+//! quota, and error text that names the cause without leaking the body's bulk.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use backon::ExponentialBuilder;
+use governor::Quota;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+
+use crate::config::plan::RateLimit;
+
+/// How much of an error body goes into a message.
+const ERROR_BODY_CHARS: usize = 300;
+
+/// Exponential backoff with jitter and no count limit: callers bound retries by time, and cut
+/// every wait to what is left of their budget.
+pub fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times()
+}
+
+/// At most `limit.requests` in any window of `limit.per`: a small burst, then even spacing,
+/// with burst + refills in one window never above the limit.
+pub fn quota(limit: RateLimit) -> Quota {
+    let burst = (limit.requests / 20).max(1);
+    let refills = limit.requests.saturating_sub(burst).max(1);
+    let period = (limit.per / refills).max(Duration::from_micros(1));
+    Quota::with_period(period)
+        .expect("period is positive")
+        .allow_burst(NonZeroU32::new(burst).expect("burst is positive"))
+}
+
+/// `Retry-After` in seconds or as an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = jiff::fmt::rfc2822::parse(text).ok()?.timestamp();
+    let wait = at.duration_since(jiff::Timestamp::now());
+    Some(wait.try_into().unwrap_or(Duration::ZERO))
+}
+
+pub fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut cut: String = text.chars().take(ERROR_BODY_CHARS).collect();
+    if text.chars().count() > ERROR_BODY_CHARS {
+        cut.push('…');
+    }
+    cut.replace(['\n', '\r'], " ")
+}
+
+/// reqwest's top-level message ("error sending request") hides the cause; show the chain.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(
+            RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(
+            retry_after(&h),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+    }
+
+    #[test]
+    fn the_quota_never_allows_more_than_the_limit_in_a_window() {
+        for (requests, per) in [(1000, 60), (50, 1), (7, 60), (1, 60)] {
+            let limit = RateLimit {
+                requests,
+                per: Duration::from_secs(per),
+            };
+            let q = quota(limit);
+            let burst = q.burst_size().get();
+            // In any half-open window of `per`: the burst, then one per interval.
+            let in_window =
+                burst as u128 + (limit.per.as_nanos() - 1) / q.replenish_interval().as_nanos();
+            assert!(
+                in_window <= requests as u128,
+                "{requests}/{per}s allows {in_window}"
+            );
+        }
+    }
+}
