@@ -13,6 +13,8 @@ use t360_connector::commands;
 use t360_connector::model::Entity;
 pub use t360_connector::sample_broker::{Dataset, DatasetSpec, Paging, SampleBroker, natural_key};
 
+pub mod track360;
+
 /// A row as text: column → value (NULL is `None`).
 pub type Row = BTreeMap<String, Option<String>>;
 
@@ -438,6 +440,15 @@ pub struct Daemon {
 }
 
 impl Env {
+    /// Rewrites the settings file with `extra` TOML after the paths.
+    pub fn write_settings(&self, extra: &str) {
+        std::fs::write(
+            &self.config,
+            format!("state_dir = \"state\"\nconnectors_dir = \"connectors\"\n{extra}\n"),
+        )
+        .unwrap();
+    }
+
     /// Settings for a daemon: `/healthz` and `/metrics` on a free port, a short grace period.
     pub fn daemon_settings(&self, extra: &str) -> u16 {
         let port = free_port();
