@@ -48,8 +48,9 @@ pub enum Command {
     Backfill(BackfillArgs),
     /// Show each broker and entity: cursor, lag, last success, last error, counts.
     Status,
-    /// List quarantined records with their reasons.
-    Quarantine(QuarantineArgs),
+    /// Quarantined records: list them, retry them after a fix, or purge them.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
     /// Serve the bundled sample broker (the guide's API over a generated data set).
     SampleBroker(SampleBrokerArgs),
     /// The sample broker on a free port, the daemon against it on fast schedules for a while
@@ -88,10 +89,35 @@ pub struct BackfillArgs {
     pub until: Option<String>,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// Each quarantined record with its reasons and raw payload.
+    List(QuarantineArgs),
+    /// Run quarantined records through mapping, validation and the sink again (after the
+    /// connector file, the broker or the ingestion API was fixed); those that pass leave.
+    Retry(QuarantineArgs),
+    /// Delete quarantined records (all of them only with --all).
+    Purge(PurgeArgs),
+}
+
 #[derive(Debug, Args)]
 pub struct QuarantineArgs {
     #[arg(long)]
     pub broker: Option<String>,
+    #[arg(long)]
+    pub entity: Option<Entity>,
+    /// One record, by natural key (as `list` shows it).
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub filter: QuarantineArgs,
+    /// Purge every quarantined record of every broker.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]

@@ -9,15 +9,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::backfill;
-use crate::cli::{BackfillArgs, DemoArgs, QuarantineArgs, SampleBrokerArgs, SyncArgs};
+use crate::cli::{
+    BackfillArgs, DemoArgs, QuarantineArgs, QuarantineCommand, SampleBrokerArgs, SyncArgs,
+};
 use crate::config::{self, ConnectorPlan, Loaded, SourcePlan, plan::parse_instant};
 use crate::engine::Runner;
 use crate::model::Entity;
 use crate::sample_broker::{Dataset, DatasetSpec, OAuthClient, Paging, SampleBroker};
-use crate::sink::Sinks;
+use crate::sink::{Sinks, Stage};
 use crate::source::Source;
 use crate::source::rest::RestSource;
-use crate::state::Store;
+use crate::state::{QuarantineFilter, Store};
 
 /// A failure whose message is the whole story (printed as is, exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -272,17 +274,104 @@ pub fn status(config_path: Option<&std::path::Path>) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// `quarantine`: each quarantined record with its reasons.
-pub fn quarantine(
+/// `quarantine list|retry|purge`.
+pub async fn quarantine(
     config_path: Option<&std::path::Path>,
-    args: &QuarantineArgs,
+    action: &QuarantineCommand,
 ) -> anyhow::Result<String> {
     let loaded = load(config_path)?;
     let store = open_store(&loaded)?;
+    let filter = |a: &QuarantineArgs| QuarantineFilter {
+        broker: a.broker.clone(),
+        entity: a.entity,
+        key: a.key.clone(),
+    };
+    match action {
+        QuarantineCommand::List(args) => {
+            let mut out = String::new();
+            for q in store.quarantine(&filter(args))? {
+                let _ = writeln!(
+                    out,
+                    "{} {} {} ({}, seen {}×): {}",
+                    q.broker,
+                    q.entity,
+                    q.key,
+                    q.stage.as_str(),
+                    q.times_seen,
+                    q.reasons.join("; ")
+                );
+                let _ = writeln!(out, "    {}", q.raw);
+            }
+            Ok(out)
+        }
+        QuarantineCommand::Purge(args) => {
+            let f = filter(&args.filter);
+            if f.broker.is_none() && f.entity.is_none() && f.key.is_none() && !args.all {
+                bail!("purge needs --broker, --entity or --key, or --all for everything");
+            }
+            let n = store.purge_quarantine(&f)?;
+            Ok(format!("{n} quarantined record(s) purged"))
+        }
+        QuarantineCommand::Retry(args) => retry(&loaded, &store, &filter(args)).await,
+    }
+}
+
+/// Replays quarantined records broker by broker, entity by entity, stage by stage.
+async fn retry(
+    loaded: &Loaded,
+    store: &Arc<Store>,
+    filter: &QuarantineFilter,
+) -> anyhow::Result<String> {
+    let sinks = Sinks::new(Arc::clone(store), &loaded.settings.sink)?;
+    let rows = store.quarantine(filter)?;
+    let mut groups: std::collections::BTreeMap<
+        (String, String, &'static str),
+        Vec<serde_json::Value>,
+    > = Default::default();
+    let mut unreadable = 0;
+    for q in rows {
+        match serde_json::from_str(&q.raw) {
+            Ok(raw) => groups
+                .entry((q.broker, q.entity, q.stage.as_str()))
+                .or_default()
+                .push(raw),
+            Err(_) => unreadable += 1,
+        }
+    }
     let mut out = String::new();
-    for q in store.quarantine(args.broker.as_deref())? {
-        let _ = writeln!(out, "{} {}: {}", q.entity, q.key, q.reasons.join("; "));
-        let _ = writeln!(out, "    {}", q.raw);
+    for ((broker, entity, stage), raws) in groups {
+        let plan = loaded.connector(&broker).map_err(ConfigProblems)?;
+        let entity: Entity = entity.parse().map_err(anyhow::Error::msg)?;
+        let source = source_for(plan)?;
+        let sink = sinks.for_connector(plan).map_err(ConfigProblems)?;
+        let runner = Runner {
+            plan,
+            source: source.as_ref(),
+            sink: sink.as_ref(),
+            store,
+            stop: CancellationToken::new(),
+        };
+        let stage = if stage == "delivery" {
+            Stage::Delivery
+        } else {
+            Stage::Validation
+        };
+        let tried = raws.len();
+        let done = runner.replay(entity, raws, stage).await?;
+        let _ = writeln!(
+            out,
+            "{broker} {entity}: {tried} retried, {} passed, {} still quarantined, {} held",
+            done.stats.unquarantined, done.stats.quarantined, done.stats.held
+        );
+    }
+    if unreadable > 0 {
+        let _ = writeln!(
+            out,
+            "{unreadable} record(s) with an unreadable raw payload were left alone"
+        );
+    }
+    if out.is_empty() {
+        out.push_str("nothing quarantined matches");
     }
     Ok(out)
 }

@@ -12,7 +12,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::ConnectorPlan;
 use crate::model::{Entity, Record};
-use crate::sink::{CommitStats, PageBatch, Progress, Reject, Sink, SinkError, Valid};
+use crate::normalise::{Mapping, PiiPolicy};
+use crate::sink::{CommitStats, PageBatch, Progress, Reject, Sink, SinkError, Stage, Valid};
 use crate::source::{Page, Source, SourceError, Window};
 use crate::state::{Store, StoreError};
 use crate::telemetry;
@@ -190,7 +191,7 @@ impl Runner<'_> {
         let mut current = pager.next_page().await.map_err(source_error)?;
         while let Some(page) = current {
             let pulled = page.records.len();
-            let mut batch = self.batch(entity, page);
+            let mut batch = self.batch(entity, page, &self.plan.mapping);
             let (delivered, next) = tokio::join!(self.sink.deliver(&mut batch), pager.next_page());
             // Undelivered: nothing of this page is committed and the cursor stays.
             delivered.map_err(|source| EngineError::Sink {
@@ -246,9 +247,44 @@ impl Runner<'_> {
         Ok(())
     }
 
+    /// Runs quarantined records of `entity` through the pipeline again (after the broker's
+    /// mapping or the API's rules were fixed): those that pass are delivered and stored and
+    /// leave quarantine; the others stay, with today's reasons. Moves no cursor.
+    pub async fn replay(
+        &self,
+        entity: Entity,
+        raws: Vec<Value>,
+        stage: Stage,
+    ) -> Result<RunSummary, EngineError> {
+        // A record the API refused was quarantined as posted: Track360-shaped, PII policy
+        // applied. It is read as the standard preset would, and not hashed twice.
+        let posted = Mapping::standard(self.plan.zone.clone(), PiiPolicy::default());
+        let mapping = match stage {
+            Stage::Validation => &self.plan.mapping,
+            Stage::Delivery => &posted,
+        };
+        let pulled = raws.len();
+        let page = Page {
+            records: raws,
+            origin: "quarantine".into(),
+        };
+        let mut batch = self.batch(entity, page, mapping);
+        self.sink
+            .deliver(&mut batch)
+            .await
+            .map_err(|source| EngineError::Sink {
+                broker: self.plan.broker.clone(),
+                entity,
+                source,
+            })?;
+        let mut summary = RunSummary::default();
+        self.finalize(entity, batch, pulled, &mut summary).await?;
+        Ok(summary)
+    }
+
     /// A page, normalised and validated, ready for the sink (progress decided later).
-    fn batch(&self, entity: Entity, page: Page) -> PageBatch {
-        let (records, rejects) = self.prepare(entity, page.records);
+    fn batch(&self, entity: Entity, page: Page, mapping: &Mapping) -> PageBatch {
+        let (records, rejects) = self.prepare(entity, page.records, mapping);
         if let Some(first) = rejects.first() {
             // One line per page; `t360-connector quarantine list` shows every record and reason.
             warn!(
@@ -291,10 +327,14 @@ impl Runner<'_> {
     }
 
     /// Normalises and validates a page: valid records and rejects with every reason.
-    fn prepare(&self, entity: Entity, raw: Vec<Value>) -> (Vec<Valid>, Vec<Reject>) {
+    fn prepare(
+        &self,
+        entity: Entity,
+        raw: Vec<Value>,
+        mapping: &Mapping,
+    ) -> (Vec<Valid>, Vec<Reject>) {
         let mut valid = Vec::with_capacity(raw.len());
         let mut rejects = Vec::new();
-        let mapping = &self.plan.mapping;
         for mut original in raw {
             let (normalised, mapping_reasons) = mapping.apply(entity, &original);
             match validate::validate(entity, &normalised) {
@@ -325,6 +365,7 @@ impl Runner<'_> {
                         key: quarantine_key(entity, &normalised),
                         raw: original.to_string(),
                         reasons,
+                        stage: Stage::Validation,
                     });
                 }
             }

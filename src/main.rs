@@ -46,7 +46,7 @@ fn main() -> ExitCode {
             Command::Sync(args) => commands::sync(config, args).await.map(|()| None),
             Command::Backfill(args) => commands::backfill(config, args).await.map(|()| None),
             Command::Status => commands::status(config).map(Some),
-            Command::Quarantine(args) => commands::quarantine(config, args).map(Some),
+            Command::Quarantine(action) => commands::quarantine(config, action).await.map(Some),
             Command::SampleBroker(args) => commands::sample_broker(args).await.map(|()| None),
             Command::Demo(args) => commands::demo(config, args).await.map(Some),
         }

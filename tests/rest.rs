@@ -488,3 +488,69 @@ async fn concurrent_requests_share_one_token_refresh() {
     }
     assert_eq!(env.broker.observed().tokens_issued, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapping_fix_then_quarantine_retry_stores_what_was_refused() {
+    // The connector forgot a code: every IB rebate is quarantined with the code as the reason.
+    let env = legacy_env(dataset(100), Duration::from_secs(3600), |t| {
+        t.replace(", \"18\" = \"ib_rebate\"", "")
+    })
+    .await;
+    env.sync_broker(LEGACY).await.expect("sync");
+    let rebates = env.broker.with_data(|d| {
+        d.table(Entity::Transactions)
+            .records()
+            .filter(|r| r["transaction_type"] == "ib_rebate")
+            .count()
+    });
+    let quarantined = env.count("SELECT count(*) FROM quarantine WHERE broker = 'legacy-broker'");
+    assert!(rebates > 0 && quarantined as usize == rebates);
+    let listed = env
+        .binary()
+        .args(["quarantine", "list", "--broker", LEGACY])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listed.stdout)
+            .contains("`18` (from /action) is not in the connector's enum map")
+    );
+
+    // Fixed: the shipped file has the code. A retry stores them and empties the quarantine.
+    env.add_connector(LEGACY, &legacy_env_text(&env));
+    let out = env
+        .binary()
+        .args(["quarantine", "retry", "--broker", LEGACY])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{rebates} passed")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM quarantine WHERE broker = 'legacy-broker'"),
+        0
+    );
+    assert_same(
+        Entity::Transactions,
+        &by_value(env.rows_of(LEGACY, Entity::Transactions)),
+        &by_value(env.truth(Entity::Transactions)),
+    );
+}
+
+/// The shipped legacy connector as `legacy_env` writes it (secret in the env's file).
+fn legacy_env_text(env: &Env) -> String {
+    let secret_file = env.dir.path().join("legacy.secret");
+    env.legacy_connector().replace(
+        "client_secret_env = \"LEGACY_BROKER_CLIENT_SECRET\"",
+        &format!(
+            "client_secret_file = {:?}",
+            secret_file.display().to_string()
+        ),
+    )
+}

@@ -104,6 +104,22 @@ async fn records_the_api_refuses_are_quarantined_with_its_reasons_and_the_rest_d
     let delivered = ingestion.records(Entity::Transactions);
     assert_eq!(delivered.len(), 200 - refused.len());
     assert!(refused.iter().all(|k| !delivered.contains_key(k)));
+
+    // Track360 fixed its side: a retry delivers them and empties the quarantine.
+    ingestion.accept_all();
+    let out = env.binary().args(["quarantine", "retry"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.count("SELECT count(*) FROM quarantine"), 0);
+    assert_delivered_equals_broker(&env, &ingestion);
+
+    // Purge needs a filter or --all.
+    let out = env.binary().args(["quarantine", "purge"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--all"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

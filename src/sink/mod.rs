@@ -53,6 +53,25 @@ pub struct Reject {
     pub key: String,
     pub raw: String,
     pub reasons: Vec<String>,
+    pub stage: Stage,
+}
+
+/// Where a record was refused, which says what its quarantined `raw` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// By mapping or validation: `raw` is the broker's record.
+    Validation,
+    /// By the ingestion API: `raw` is the record as posted (Track360 shape, PII policy applied).
+    Delivery,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Validation => "validation",
+            Stage::Delivery => "delivery",
+        }
+    }
 }
 
 /// The progress a batch completes.

@@ -29,7 +29,7 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 use tracing::warn;
 
-use super::{BoxFuture, CommitStats, PageBatch, Reject, Sink, SinkError, commit_locally};
+use super::{BoxFuture, CommitStats, PageBatch, Reject, Sink, SinkError, Stage, commit_locally};
 use crate::config::plan::Track360Plan;
 use crate::http;
 use crate::model::Entity;
@@ -281,6 +281,7 @@ impl Sink for Track360Sink {
                         key: valid.record.key(),
                         raw: body.to_string(),
                         reasons,
+                        stage: Stage::Delivery,
                     }),
                 }
             }

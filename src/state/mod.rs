@@ -16,7 +16,7 @@ use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::model::{Entity, Record};
-use crate::sink::{CommitStats, PageBatch, Progress, sqlite};
+use crate::sink::{CommitStats, PageBatch, Progress, Stage, sqlite};
 use crate::validate;
 
 #[derive(Debug, thiserror::Error)]
@@ -55,10 +55,13 @@ pub struct EntityStatus {
 /// One row of the quarantine.
 #[derive(Debug, Clone)]
 pub struct Quarantined {
+    pub broker: String,
     pub entity: String,
     pub key: String,
     pub raw: String,
     pub reasons: Vec<String>,
+    pub stage: Stage,
+    pub times_seen: i64,
 }
 
 /// A backfill lane's progress.
@@ -395,24 +398,64 @@ impl Store {
         })
     }
 
-    /// The quarantined records of `broker` (all brokers when `None`).
-    pub fn quarantine(&self, broker: Option<&str>) -> Result<Vec<Quarantined>, StoreError> {
+    /// The quarantined records that `filter` selects.
+    pub fn quarantine(&self, filter: &QuarantineFilter) -> Result<Vec<Quarantined>, StoreError> {
         self.with(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT entity, record_key, raw, reasons FROM quarantine
-                 WHERE ?1 IS NULL OR broker = ?1 ORDER BY broker, entity, record_key",
+                "SELECT broker, entity, record_key, raw, reasons, stage, times_seen FROM quarantine
+                 WHERE (?1 IS NULL OR broker = ?1) AND (?2 IS NULL OR entity = ?2)
+                   AND (?3 IS NULL OR record_key = ?3)
+                 ORDER BY broker, entity, record_key",
             )?;
-            let rows = stmt.query_map(params![broker], |r| {
-                let reasons: String = r.get(3)?;
+            let rows = stmt.query_map(filter.params(), |r| {
+                let reasons: String = r.get(4)?;
+                let stage: String = r.get(5)?;
                 Ok(Quarantined {
-                    entity: r.get(0)?,
-                    key: r.get(1)?,
-                    raw: r.get(2)?,
+                    broker: r.get(0)?,
+                    entity: r.get(1)?,
+                    key: r.get(2)?,
+                    raw: r.get(3)?,
                     reasons: serde_json::from_str(&reasons).unwrap_or_else(|_| vec![reasons]),
+                    stage: if stage == "delivery" {
+                        Stage::Delivery
+                    } else {
+                        Stage::Validation
+                    },
+                    times_seen: r.get(6)?,
                 })
             })?;
             rows.collect()
         })
+    }
+
+    /// Deletes the quarantined records that `filter` selects; returns how many.
+    pub fn purge_quarantine(&self, filter: &QuarantineFilter) -> Result<usize, StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "DELETE FROM quarantine
+                 WHERE (?1 IS NULL OR broker = ?1) AND (?2 IS NULL OR entity = ?2)
+                   AND (?3 IS NULL OR record_key = ?3)",
+                filter.params(),
+            )
+        })
+    }
+}
+
+/// Which quarantined records a command acts on (`None`: any).
+#[derive(Debug, Clone, Default)]
+pub struct QuarantineFilter {
+    pub broker: Option<String>,
+    pub entity: Option<Entity>,
+    pub key: Option<String>,
+}
+
+impl QuarantineFilter {
+    fn params(&self) -> [Option<String>; 3] {
+        [
+            self.broker.clone(),
+            self.entity.map(|e| e.as_str().to_owned()),
+            self.key.clone(),
+        ]
     }
 }
 
@@ -424,11 +467,11 @@ fn quarantine(
 ) -> rusqlite::Result<()> {
     let reasons = serde_json::to_string(&reject.reasons).unwrap_or_default();
     tx.prepare_cached(
-        "INSERT INTO quarantine (broker, entity, record_key, raw, reasons, first_seen, last_seen, times_seen)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 1)
+        "INSERT INTO quarantine (broker, entity, record_key, raw, reasons, first_seen, last_seen, times_seen, stage)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 1, ?7)
          ON CONFLICT (broker, entity, record_key) DO UPDATE SET
             raw = excluded.raw, reasons = excluded.reasons, last_seen = excluded.last_seen,
-            times_seen = quarantine.times_seen + 1",
+            times_seen = quarantine.times_seen + 1, stage = excluded.stage",
     )?
     .execute(params![
         batch.broker,
@@ -436,7 +479,8 @@ fn quarantine(
         reject.key,
         reject.raw,
         reasons,
-        now
+        now,
+        reject.stage.as_str()
     ])?;
     Ok(())
 }

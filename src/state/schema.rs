@@ -117,6 +117,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (broker, entity, since)
     ) WITHOUT ROWID;
     "#,
+    // v2: what a quarantined record's `raw` is — the broker's record ('validation') or the
+    // record as posted to the ingestion API ('delivery') — so that a retry reads it right.
+    "ALTER TABLE quarantine ADD COLUMN stage TEXT NOT NULL DEFAULT 'validation';",
 ];
 
 /// Brings the database to the newest schema. Each step runs in its own transaction together

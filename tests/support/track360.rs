@@ -111,6 +111,11 @@ impl Ingestion {
             .insert(key.to_owned(), reason.to_owned());
     }
 
+    /// Stops refusing the keys `refuse` named.
+    pub fn accept_all(&self) {
+        self.shared.refuse.lock().unwrap().clear();
+    }
+
     pub fn revoke_tokens(&self) {
         self.shared.tokens.lock().unwrap().clear();
     }
