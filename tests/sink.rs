@@ -236,3 +236,27 @@ async fn kill_9_during_delivery_then_restart_ends_with_exactly_the_brokers_data(
     );
     assert_delivered_equals_broker(&env, &ingestion);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_overlaps_fetching_the_next_page() {
+    // Both sides answer slowly; while a page is being posted, the next one is being fetched.
+    let ingestion = Ingestion::start(1000, Duration::from_secs(3600)).await;
+    ingestion.set_delay(Duration::from_millis(50));
+    let env = env_with(dataset(100), &ingestion, "track360", "batch_size = 20").await;
+    env.write_connector(&Connector {
+        per_page: 20,
+        ..Connector::default()
+    });
+    // The probe runs when a post's 50 ms are up: a fetch started with it (100 ms) is still on.
+    env.broker.set_delay(Duration::from_millis(100));
+    let broker = env.broker.clone();
+    ingestion.set_probe(move || broker.in_flight() > 0);
+    env.sync_entity(Entity::Customers).await.expect("sync");
+    assert_eq!(ingestion.records(Entity::Customers).len(), 100);
+    assert!(
+        ingestion.overlapped() >= 2,
+        "pages were posted and fetched one after the other ({} overlaps in {} posts)",
+        ingestion.overlapped(),
+        ingestion.posts()
+    );
+}

@@ -118,6 +118,8 @@ struct Shared {
     /// A header, or (with a `?` prefix) a query parameter, every request must carry.
     required: Mutex<Option<(String, String)>>,
     observed: Mutex<Observed>,
+    /// Requests being answered right now.
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// A running sample broker. Dropping it does not stop the server; the runtime does.
@@ -152,6 +154,7 @@ impl SampleBroker {
             oauth: Mutex::new(None),
             required: Mutex::new(None),
             observed: Mutex::new(Observed::default()),
+            in_flight: Default::default(),
         });
         let app = Router::new()
             .route("/api/v1/forex/{entity}", get(standard))
@@ -248,6 +251,12 @@ impl SampleBroker {
         }
     }
 
+    /// Requests being answered right now (a client that pipelines has one here while it
+    /// delivers the previous page elsewhere).
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn observed(&self) -> Observed {
         lock(&self.shared.observed).clone()
     }
@@ -316,6 +325,20 @@ async fn legacy_list(
 /// Everything a list request goes through: rate limit, auth, injected faults, the answer,
 /// and the hooks of tests.
 async fn serve(
+    shared: &Shared,
+    entity: Entity,
+    api: Api,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    answer: impl FnOnce(&Shared) -> Result<(Value, Option<String>), String>,
+) -> Response {
+    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    let response = answer_request(shared, entity, api, headers, query, answer).await;
+    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    response
+}
+
+async fn answer_request(
     shared: &Shared,
     entity: Entity,
     api: Api,

@@ -21,6 +21,7 @@ pub const CLIENT_ID: &str = "t360-client";
 pub const CLIENT_SECRET: &str = "t360-ingest-secret-7c1d";
 
 #[derive(Default)]
+#[allow(clippy::type_complexity)]
 struct Shared {
     ttl: Duration,
     tokens: Mutex<HashMap<String, Instant>>,
@@ -40,6 +41,9 @@ struct Shared {
     refuse: Mutex<HashMap<String, String>>,
     issued: AtomicU64,
     unauthorized: AtomicU64,
+    /// Asked during each post: is the broker answering a request right now?
+    probe: Mutex<Option<Arc<dyn Fn() -> bool + Send + Sync>>>,
+    overlapped: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -109,6 +113,16 @@ impl Ingestion {
             .lock()
             .unwrap()
             .insert(key.to_owned(), reason.to_owned());
+    }
+
+    /// Counts the posts during which `probe` held (e.g. the broker was answering a request).
+    pub fn set_probe(&self, probe: impl Fn() -> bool + Send + Sync + 'static) {
+        *self.shared.probe.lock().unwrap() = Some(Arc::new(probe));
+    }
+
+    /// Posts during which the probe held.
+    pub fn overlapped(&self) -> u64 {
+        self.shared.overlapped.load(Ordering::SeqCst)
     }
 
     /// Stops refusing the keys `refuse` named.
@@ -246,6 +260,10 @@ async fn ingest(
     let delay = *s.delay.lock().unwrap();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
+    }
+    let probe = s.probe.lock().unwrap().clone();
+    if probe.is_some_and(|p| p()) {
+        s.overlapped.fetch_add(1, Ordering::SeqCst);
     }
     let records: Vec<Value> = match serde_json::from_str::<Value>(&body) {
         Ok(Value::Object(mut o)) => match o.remove("data") {
