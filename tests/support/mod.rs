@@ -480,9 +480,15 @@ impl Env {
             port,
             log,
         };
-        // The tests read the state database; the daemon creates it first thing.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !self.database().exists() && std::time::Instant::now() < deadline {
+        // The tests read the state database; the daemon creates and migrates it first thing.
+        let migrated = || {
+            self.database().exists()
+                && rusqlite::Connection::open(self.database())
+                    .and_then(|c| c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)))
+                    .is_ok_and(|v| v > 0)
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !migrated() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         daemon
