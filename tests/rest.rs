@@ -554,3 +554,12 @@ fn legacy_env_text(env: &Env) -> String {
         ),
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_bodies_are_read() {
+    let env = Env::start(dataset(120), Paging::Cursor, Connector::default()).await;
+    env.broker.set_gzip(true);
+    env.sync().await.expect("sync");
+    assert!(env.broker.gzipped() >= 3, "the client did not ask for gzip");
+    env.assert_store_equals_broker();
+}

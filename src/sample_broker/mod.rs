@@ -13,7 +13,7 @@ pub mod legacy;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -120,6 +120,9 @@ struct Shared {
     observed: Mutex<Observed>,
     /// Requests being answered right now.
     in_flight: std::sync::atomic::AtomicUsize,
+    /// Bodies gzip-compressed for clients that accept it.
+    gzip: AtomicBool,
+    gzipped: AtomicU64,
 }
 
 /// A running sample broker. Dropping it does not stop the server; the runtime does.
@@ -155,6 +158,8 @@ impl SampleBroker {
             required: Mutex::new(None),
             observed: Mutex::new(Observed::default()),
             in_flight: Default::default(),
+            gzip: AtomicBool::new(false),
+            gzipped: AtomicU64::new(0),
         });
         let app = Router::new()
             .route("/api/v1/forex/{entity}", get(standard))
@@ -249,6 +254,16 @@ impl SampleBroker {
         if let Some(oauth) = lock(&self.shared.oauth).as_mut() {
             oauth.tokens.clear();
         }
+    }
+
+    /// Compresses bodies with gzip for clients that send `Accept-Encoding: gzip`.
+    pub fn set_gzip(&self, on: bool) {
+        self.shared.gzip.store(on, Ordering::SeqCst);
+    }
+
+    /// Bodies sent gzip-compressed so far.
+    pub fn gzipped(&self) -> u64 {
+        self.shared.gzipped.load(Ordering::SeqCst)
     }
 
     /// Requests being answered right now (a client that pipelines has one here while it
@@ -406,12 +421,29 @@ async fn answer_request(
         )
             .into_response();
     }
-    let mut response = (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        text,
-    )
-        .into_response();
+    let accepts_gzip = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| h.contains("gzip"));
+    let mut response = if accepts_gzip && shared.gzip.load(Ordering::SeqCst) {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let _ = encoder.write_all(text.as_bytes());
+        shared.gzipped.fetch_add(1, Ordering::SeqCst);
+        let body = encoder.finish().unwrap_or_default();
+        let headers = [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CONTENT_ENCODING, "gzip"),
+        ];
+        (StatusCode::OK, headers, body).into_response()
+    } else {
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            text,
+        )
+            .into_response()
+    };
     if let Some(link) = link.and_then(|l| header::HeaderValue::from_str(&l).ok()) {
         response.headers_mut().insert(header::LINK, link);
     }

@@ -45,6 +45,8 @@ impl HttpClient {
             .pool_idle_timeout(Duration::from_secs(30))
             // A redirect could carry the credentials to another host.
             .redirect(reqwest::redirect::Policy::none())
+            // Pages of JSON compress ten to one; ask for it (decoded transparently).
+            .gzip(true)
             .build()?;
         Ok(HttpClient {
             auth: Auth::new(&plan.auth, &client),
