@@ -26,7 +26,10 @@ pub async fn backfill(
         entity,
         source,
     };
-    let wanted_until = until.unwrap_or(now - plan.sync.settle).max(since);
+    // Whole seconds, as the live window: some brokers refuse nanoseconds in a query.
+    let default_until = now - plan.sync.settle;
+    let default_until = Timestamp::from_second(default_until.as_second()).unwrap_or(default_until);
+    let wanted_until = until.unwrap_or(default_until).max(since);
     let mut lane = runner
         .store
         .backfill(&plan.broker, entity, since, wanted_until)

@@ -563,3 +563,73 @@ async fn gzip_bodies_are_read() {
     assert!(env.broker.gzipped() >= 3, "the client did not ask for gzip");
     env.assert_store_equals_broker();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_paging_ends_on_small_windows_and_short_pages() {
+    // No has_more and no total: a quiet window of three records must end, and a broker that
+    // serves fewer records than the overlap must still be read to the end.
+    let env = legacy_env(dataset(3), Duration::from_secs(3600), |t| {
+        t.replace("has_more = \"/result/has_more\"", "")
+    })
+    .await;
+    env.sync_broker(LEGACY)
+        .await
+        .expect("sync of a tiny window");
+    assert_eq!(env.rows_of(LEGACY, Entity::Customers).len(), 3);
+
+    let env = legacy_env(dataset(60), Duration::from_secs(3600), |t| t).await;
+    env.broker.set_page_cap(Some(8));
+    env.sync_broker(LEGACY)
+        .await
+        .expect("sync with 8-record pages");
+    assert_same(
+        Entity::Customers,
+        &env.rows_of(LEGACY, Entity::Customers),
+        &env.truth(Entity::Customers),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_record_keeps_its_email_hashed_once() {
+    use sha2::{Digest, Sha256};
+    // KYC code 2 is missing from the map: approved customers are quarantined, email hashed.
+    let env = legacy_env(dataset(40), Duration::from_secs(3600), |t| {
+        t.replace("email = \"keep\"", "email = \"hash\"")
+            .replace(", \"2\" = \"approved\"", "")
+    })
+    .await;
+    env.sync_broker(LEGACY).await.expect("sync");
+    let held_back = env.count("SELECT count(*) FROM quarantine WHERE broker = 'legacy-broker'");
+    assert!(held_back > 0);
+    let quarantine = env.binary().args(["quarantine", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&quarantine.stdout).contains("@example.com"),
+        "PII in quarantine"
+    );
+
+    let fixed = legacy_env_text(&env).replace("email = \"keep\"", "email = \"hash\"");
+    env.add_connector(LEGACY, &fixed);
+    let out = env
+        .binary()
+        .args(["quarantine", "retry", "--broker", LEGACY])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM quarantine WHERE broker = 'legacy-broker'"),
+        0
+    );
+    let rows = env.rows_of(LEGACY, Entity::Customers);
+    for (key, truth) in env.truth(Entity::Customers) {
+        let email = truth["email"].clone().unwrap();
+        let once: String = Sha256::digest(email.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(rows[&key]["email"].as_deref(), Some(once.as_str()), "{key}");
+    }
+}

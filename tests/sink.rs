@@ -260,3 +260,37 @@ async fn delivery_overlaps_fetching_the_next_page() {
         ingestion.posts()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_422_whose_indexes_do_not_fit_the_batch_fails_instead_of_guessing() {
+    // A server counting from one would make "record 20 of 20" refer to nothing: quarantining
+    // the neighbour, or posting the batch forever, would both be wrong.
+    let ingestion = Ingestion::start(1000, Duration::from_secs(3600)).await;
+    ingestion.set_index_base(1);
+    let env = env_with(dataset(20), &ingestion, "track360", "batch_size = 20").await;
+    let last = env.broker.with_data(|d| {
+        natural_key(
+            Entity::Customers,
+            d.table(Entity::Customers).records().last().unwrap(),
+        )
+    });
+    ingestion.refuse(&last, "refused");
+    let started = Instant::now();
+    let error = env
+        .sync_entity(Entity::Customers)
+        .await
+        .expect_err("must fail");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the batch was posted again and again"
+    );
+    assert!(
+        error.to_string().contains("cannot tell which records"),
+        "{error}"
+    );
+    assert!(
+        env.quarantined(Entity::Customers).is_empty(),
+        "a record was quarantined on a guess"
+    );
+    assert_eq!(env.cursor(Entity::Customers), None);
+}

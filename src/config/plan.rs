@@ -570,6 +570,16 @@ fn rest_plan(raw: &RawRest, problems: &mut Problems) -> Option<RestPlan> {
             }
         }
     }
+    if paging
+        .as_ref()
+        .is_some_and(|p| p.style == PagingStyle::Offset)
+        && per_page.is_some_and(|n| n < 2)
+    {
+        problems.add(
+            "rest.per_page",
+            "offset paging needs pages of at least 2 records to follow records that move",
+        );
+    }
     let p = &raw.params;
     let params = QueryParams {
         page: p.page.clone(),
@@ -597,6 +607,13 @@ fn rest_plan(raw: &RawRest, problems: &mut Problems) -> Option<RestPlan> {
 
 /// An http(s) URL; plain http only when allowed.
 fn http_url(text: &str, allow_http: bool, key: &str, problems: &mut Problems) -> Option<Url> {
+    // A password in a URL ends up in every log line that names the URL.
+    if let Ok(url) = Url::parse(text)
+        && (!url.username().is_empty() || url.password().is_some())
+    {
+        problems.add(key, "credentials in the URL are refused: use the auth settings (secrets from the environment or a file)");
+        return None;
+    }
     match Url::parse(text) {
         Ok(url) if url.scheme() == "https" => Some(url),
         Ok(url) if url.scheme() == "http" && allow_http => Some(url),

@@ -98,7 +98,9 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
         health.beat();
         systemd::watchdog();
         systemd::status(&health.summary());
-        update_lag_gauges(&ctx.store);
+        // The store's lock can wait on another process's write: not on the supervisor's thread.
+        let store = Arc::clone(&ctx.store);
+        tokio::task::spawn_blocking(move || update_lag_gauges(&store));
         if let Some(handle) = RECORDER.get() {
             handle.run_upkeep();
         }

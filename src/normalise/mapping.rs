@@ -133,7 +133,13 @@ impl Mapping {
                         FieldSource::Path(p) => format!(" (from {p})"),
                         FieldSource::Const(_) => String::new(),
                     };
-                    reasons.push(format!("{}: `{}`{from} {why}", rule.field, clip(value)));
+                    let shown = if crate::validate::is_personal(rule.field) {
+                        String::new()
+                    } else {
+                        format!("`{}`", clip(value))
+                    };
+                    let what = format!("{shown}{from} {why}");
+                    reasons.push(format!("{}: {}", rule.field, what.trim_start()));
                     out.insert(rule.field.to_owned(), value.clone());
                 }
             }

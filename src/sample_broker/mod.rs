@@ -327,7 +327,9 @@ async fn legacy_list(
         let from = millis("from")?.unwrap_or(Timestamp::MIN);
         let to = millis("to")?.unwrap_or(Timestamp::MAX);
         let offset = number("offset")?.unwrap_or(0).max(0) as usize;
+        let cap = lock(&s.cap).unwrap_or(1000);
         let limit = number("limit")?.unwrap_or(100).clamp(1, 1000) as usize;
+        let limit = limit.min(cap);
         let data = lock(&s.data);
         Ok((
             legacy::page(data.table(entity), entity, from, to, offset, limit),

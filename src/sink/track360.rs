@@ -97,12 +97,23 @@ impl Track360Client {
                 if outcome.is_empty() {
                     break;
                 }
+                // Every index must name a record of the batch just posted; otherwise the body
+                // is not what we think it is (1-based, or counted over something else) and a
+                // guess would quarantine the wrong records, or post the same batch forever.
+                if let Some((bad, _)) = outcome.iter().find(|(i, _)| *i >= pending.len()) {
+                    return Err(SinkError::Delivery {
+                        url: self.url(entity).to_string(),
+                        message: format!(
+                            "HTTP 422 names record {bad} of a batch of {}: cannot tell which records it refuses",
+                            pending.len()
+                        ),
+                    });
+                }
                 let mut rejected: Vec<usize> = Vec::new();
                 for (index, reasons) in outcome {
-                    if let Some(original) = pending.get(index) {
-                        refused.push((offset + original, reasons));
-                        rejected.push(*original);
-                    }
+                    let original = pending[index];
+                    refused.push((offset + original, reasons));
+                    rejected.push(original);
                 }
                 pending.retain(|i| !rejected.contains(i));
             }
@@ -176,7 +187,11 @@ impl Track360Client {
             .bytes()
             .await
             .map_err(|e| Attempt::Retry(http::error_chain(&e.without_url()), None))?;
-        let says = || format!("HTTP {}: {}", status.as_u16(), http::snippet(&body));
+        // An error body that echoes our request must not carry the token into a log line.
+        let says = || {
+            let excerpt = http::snippet(&body).replace(token.secret.expose_secret(), "REDACTED");
+            format!("HTTP {}: {excerpt}", status.as_u16())
+        };
         match status {
             s if s.is_success() => Ok(()),
             StatusCode::UNAUTHORIZED if !refreshed.swap(true, Ordering::Relaxed) => {

@@ -41,6 +41,8 @@ struct Shared {
     refuse: Mutex<HashMap<String, String>>,
     issued: AtomicU64,
     unauthorized: AtomicU64,
+    /// Added to every index of a 422 (1: a server that counts from one).
+    index_base: AtomicUsize,
     /// Asked during each post: is the broker answering a request right now?
     probe: Mutex<Option<Arc<dyn Fn() -> bool + Send + Sync>>>,
     overlapped: AtomicU64,
@@ -123,6 +125,11 @@ impl Ingestion {
     /// Posts during which the probe held.
     pub fn overlapped(&self) -> u64 {
         self.shared.overlapped.load(Ordering::SeqCst)
+    }
+
+    /// Numbers the records of a 422 from `base` (1: a server that counts from one).
+    pub fn set_index_base(&self, base: usize) {
+        self.shared.index_base.store(base, Ordering::SeqCst);
     }
 
     /// Stops refusing the keys `refuse` named.
@@ -330,7 +337,9 @@ fn validate(s: &Shared, entity: Entity, records: &[Value]) -> Vec<Value> {
         .map(|(_, k)| k.clone())
         .collect();
     let mut errors = Vec::new();
+    let base = s.index_base.load(Ordering::SeqCst);
     for (index, r) in records.iter().enumerate() {
+        let index = index + base;
         let mut fail = |field: &str, message: &str| {
             errors.push(json!({"index": index, "field": field, "message": message}))
         };

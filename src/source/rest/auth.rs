@@ -77,6 +77,21 @@ impl Auth {
         shown.to_string()
     }
 
+    /// `text` (an error body a broker or proxy may have echoed our request into) with every
+    /// static secret of this connector replaced by `REDACTED`.
+    pub fn scrub(&self, text: String) -> String {
+        let secret = match &self.plan {
+            AuthPlan::Bearer(token) => Some(token),
+            AuthPlan::ApiKeyHeader { key, .. } | AuthPlan::ApiKeyQuery { key, .. } => Some(key),
+            AuthPlan::Basic { password, .. } => Some(password),
+            AuthPlan::None | AuthPlan::OAuth2(_) => None,
+        };
+        match secret.map(|s| s.expose_secret()).filter(|s| !s.is_empty()) {
+            Some(secret) if text.contains(secret) => text.replace(secret, REDACTED),
+            _ => text,
+        }
+    }
+
     /// Adds the credentials to a request; returns the OAuth2 token used, if any.
     pub fn apply(
         &self,

@@ -136,13 +136,16 @@ impl HttpClient {
             return Err(SourceError::Status {
                 url: shown,
                 status: status.as_u16(),
-                body: http::snippet(&body),
+                body: self.auth.scrub(http::snippet(&body)),
                 retry_after: http::retry_after(&headers),
             });
         }
         let body = serde_json::from_slice(&body).map_err(|e| SourceError::BadPage {
             url: shown.clone(),
-            message: format!("body is not JSON ({e}): {}", http::snippet(&body)),
+            message: format!(
+                "body is not JSON ({e}): {}",
+                self.auth.scrub(http::snippet(&body))
+            ),
         })?;
         Ok(Fetched {
             body,

@@ -63,6 +63,8 @@ pub struct RestPager<'a> {
     followed: HashSet<String>,
     total: Option<u64>,
     page_size: u64,
+    /// The largest page the broker served in this window.
+    page_size_served: u64,
     step_backs: u32,
     /// Offset style: records read so far in the broker's current order…
     offset: u64,
@@ -94,6 +96,7 @@ impl<'a> RestPager<'a> {
             followed: HashSet::new(),
             total: None,
             page_size: 0,
+            page_size_served: 0,
             step_backs: 0,
             offset: 0,
             anchors: VecDeque::new(),
@@ -130,7 +133,7 @@ impl<'a> RestPager<'a> {
                     q.append_pair(&p.cursor, cursor);
                 }
                 Position::Offset => {
-                    let from = self.offset - self.anchors.len() as u64;
+                    let from = self.offset.saturating_sub(self.anchors.len() as u64);
                     q.append_pair(&p.offset, &from.to_string());
                     q.append_pair(&p.limit, &size);
                 }
@@ -177,16 +180,25 @@ impl<'a> RestPager<'a> {
         let received = records.len() as u64;
         // Some brokers serve fewer records than asked for; their page size is what they say,
         // else the largest page they served.
+        // A broker may also claim a page size it does not serve: the smaller of the two wins.
+        let served = self.page_size_served.max(received);
+        self.page_size_served = served;
         self.page_size = page_size
             .filter(|n| *n > 0)
-            .unwrap_or(self.page_size.max(received))
+            .map_or(served, |claimed| {
+                if served > 0 {
+                    claimed.min(served)
+                } else {
+                    claimed
+                }
+            })
             .max(1);
         let finished = received == 0 || has_more == Some(false);
         self.next = match self.style {
             PagingStyle::Cursor | PagingStyle::Auto => match next_cursor {
                 _ if finished => Position::Done,
                 None => Position::Done,
-                Some(cursor) => self.follow_cursor(url, cursor)?,
+                Some(cursor) => self.follow_cursor(url, cursor, total)?,
             },
             PagingStyle::Link => match fetched.link_next {
                 _ if finished => Position::Done,
@@ -199,7 +211,12 @@ impl<'a> RestPager<'a> {
         Ok(records)
     }
 
-    fn follow_cursor(&mut self, url: &Url, cursor: String) -> Result<Position, SourceError> {
+    fn follow_cursor(
+        &mut self,
+        url: &Url,
+        cursor: String,
+        total: Option<u64>,
+    ) -> Result<Position, SourceError> {
         if self.next == Position::Cursor(cursor.clone()) {
             // The answer to cursor X is the page that led to X: the broker ignores the cursor
             // parameter and served page 1 again. Page numbers it is, from page 2.
@@ -208,6 +225,8 @@ impl<'a> RestPager<'a> {
                 "The broker ignores the cursor parameter; paging by page number instead."
             );
             self.style = PagingStyle::Page;
+            // Page 1's total is the reference the page-number pager watches from now on.
+            self.total = self.total.or(total);
             return Ok(Position::Page(2));
         }
         if !self.followed.insert(cursor.clone()) {
@@ -222,7 +241,8 @@ impl<'a> RestPager<'a> {
     fn follow_link(&mut self, url: &Url, target: &str) -> Result<Position, SourceError> {
         let next = url.join(target).map_err(|e| SourceError::BadPage {
             url: self.http.shown(url),
-            message: format!("Link rel=\"next\" `{target}` is not a URL: {e}"),
+            // The target is not shown: a broker's link may carry credentials.
+            message: format!("Link rel=\"next\" is not a URL: {e}"),
         })?;
         if next.origin() != self.plan.base_url.origin() {
             return Err(self.unstable(
@@ -278,7 +298,7 @@ impl<'a> RestPager<'a> {
         finished: bool,
         total: Option<u64>,
     ) -> Result<Position, SourceError> {
-        let requested_from = self.offset - self.anchors.len() as u64;
+        let requested_from = self.offset.saturating_sub(self.anchors.len() as u64);
         let ids: Vec<u64> = records.iter().map(identity).collect();
         // The last anchor found in the answer: everything after it is unread.
         let found = self
@@ -305,13 +325,15 @@ impl<'a> RestPager<'a> {
             }
         }
         self.offset = requested_from + ids.len() as u64;
-        let overlap = (self.plan.paging.overlap as usize).min(self.plan.per_page as usize / 2);
-        for id in ids {
-            self.anchors.push_back(id);
-            if self.anchors.len() > overlap {
-                self.anchors.pop_front();
-            }
-        }
+        // The anchors are the tail of this answer: at most half a page (of what the broker
+        // really serves), so that every full page brings at least half a page past them and
+        // the offset always moves on.
+        let page = self.page_size.min(u64::from(self.plan.per_page)) as usize;
+        let overlap = (self.plan.paging.overlap as usize).min(page / 2);
+        self.anchors = ids[ids.len().saturating_sub(overlap)..]
+            .iter()
+            .copied()
+            .collect();
         // A short page with nothing new is the end; a full one is not: we may have stepped
         // back onto records already read.
         let new = records.len() - found.map_or(0, |p| p + 1);
