@@ -111,9 +111,45 @@ impl Runner<'_> {
     }
 
     /// One delta sync of `entity`: pulls the live window and moves the cursor to its end.
+    ///
+    /// A window longer than `backfill_slice` (days of downtime, a first sync from
+    /// `sync.start`) is pulled slice by slice, the cursor moving at the end of each: a failure
+    /// or a stop keeps the slices done. A first sync with no `start` is one window: where the
+    /// broker's history begins is unknown, and slicing from 1970 would cost a request a slice.
     pub async fn sync(&self, entity: Entity, now: Timestamp) -> Result<RunSummary, EngineError> {
         let window = self.live_window(entity, now)?;
-        self.run(entity, window, Lane::Live).await
+        let slice = self.plan.sync.backfill_slice;
+        if window.from == Timestamp::UNIX_EPOCH {
+            return self.run(entity, window, Lane::Live).await;
+        }
+        // The first slice takes the lookback (and activity re-pull) whole and one slice past
+        // the cursor: a sync that is merely on time stays one window, however long the
+        // lookback; only time the daemon was away is cut into slices.
+        let cursor = self
+            .store
+            .cursor(&self.plan.broker, entity)
+            .map_err(|source| self.store_error(entity, source))?;
+        let mut to = (cursor.unwrap_or(window.from).max(window.from) + slice).min(window.to);
+        let mut from = window.from;
+        let mut total = RunSummary::default();
+        loop {
+            let done = self.run(entity, Window { from, to }, Lane::Live).await?;
+            total.pages += done.pages;
+            total.pulled += done.pulled;
+            total.stats += done.stats;
+            if to >= window.to {
+                break;
+            }
+            if self.stop.is_cancelled() {
+                return Err(EngineError::Interrupted {
+                    broker: self.plan.broker.clone(),
+                    entity,
+                });
+            }
+            from = to;
+            to = (from + slice).min(window.to);
+        }
+        Ok(total)
     }
 
     /// Pulls `window` of `entity` and commits it, moving `lane`'s progress to the window's end

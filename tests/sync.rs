@@ -470,3 +470,50 @@ async fn bearer_tokens_come_from_the_environment_and_a_wrong_one_fails_cleanly()
     );
     assert_eq!(wrong.cursor(Entity::Customers), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_window_keeps_the_slices_it_finished_when_it_fails() {
+    // A first sync from `start`, three days of history in one-day slices; the broker goes down
+    // while the third slice is read. The first two days stay synced: the cursor moved past
+    // them, and the next sync starts there instead of from the beginning.
+    let connector = Connector {
+        per_page: 500,
+        ..Connector::default()
+    };
+    let mut data = Dataset::default();
+    for day in 20..23 {
+        for hour in 0..10 {
+            let at = format!("2026-11-{day}T{hour:02}:30:00Z");
+            data.put(
+                Entity::Customers,
+                json!({"customer_id": format!("D{day}-{hour}"), "signup_date": at,
+                       "affiliate_id": "IB1", "last_modified_date": at}),
+            );
+        }
+    }
+    let env = Env::start(data, Paging::Cursor, connector).await;
+    let file = env.connector_file();
+    let text = std::fs::read_to_string(&file).unwrap().replace(
+        "backfill_slice = \"1d\"",
+        "backfill_slice = \"1d\"\nstart = \"2026-11-20\"",
+    );
+    std::fs::write(&file, text).unwrap();
+    let broker = env.broker.clone();
+    // One request a day-slice: 20 November, 21 November, then the broker answers 503.
+    env.broker.after_request(Entity::Customers, 2, move |_| {
+        broker.fail_next(Entity::Customers, 1000, 503)
+    });
+    env.sync_entity(Entity::Customers)
+        .await
+        .expect_err("the broker went down");
+    let cursor: Timestamp = env
+        .cursor(Entity::Customers)
+        .expect("slices committed")
+        .parse()
+        .unwrap();
+    assert!(
+        cursor >= "2026-11-21T00:00:00Z".parse().unwrap(),
+        "no slice kept: {cursor}"
+    );
+    env.assert_cursor_covers_store(BROKER, Entity::Customers);
+}
