@@ -16,7 +16,7 @@ use crate::config::{self, ConnectorPlan, Loaded, SourcePlan, plan::parse_instant
 use crate::engine::Runner;
 use crate::model::Entity;
 use crate::sample_broker::{Dataset, DatasetSpec, OAuthClient, Paging, SampleBroker};
-use crate::sink::{Sinks, Stage};
+use crate::sink::{Sink, Sinks, Stage};
 use crate::source::Source;
 use crate::source::rest::RestSource;
 use crate::state::{QuarantineFilter, Store};
@@ -61,6 +61,36 @@ fn load(config_path: Option<&std::path::Path>) -> anyhow::Result<Loaded> {
 
 fn open_store(loaded: &Loaded) -> anyhow::Result<Arc<Store>> {
     Ok(Arc::new(Store::open(&loaded.settings.database_path())?))
+}
+
+/// A connector's source and sink, built for one command.
+struct Wired {
+    source: Box<dyn Source>,
+    sink: Arc<dyn Sink>,
+}
+
+impl Wired {
+    fn new(plan: &ConnectorPlan, sinks: &Sinks) -> anyhow::Result<Wired> {
+        Ok(Wired {
+            source: source_for(plan)?,
+            sink: sinks.for_connector(plan).map_err(ConfigProblems)?,
+        })
+    }
+
+    fn runner<'a>(
+        &'a self,
+        plan: &'a ConnectorPlan,
+        store: &'a Store,
+        stop: CancellationToken,
+    ) -> Runner<'a> {
+        Runner {
+            plan,
+            source: self.source.as_ref(),
+            sink: self.sink.as_ref(),
+            store,
+            stop,
+        }
+    }
 }
 
 fn source_for(plan: &ConnectorPlan) -> anyhow::Result<Box<dyn Source>> {
@@ -121,15 +151,8 @@ pub async fn sync(config_path: Option<&std::path::Path>, args: &SyncArgs) -> any
     let mut failures = Vec::new();
     let mut runs = 0;
     for plan in &selected {
-        let source = source_for(plan)?;
-        let sink = sinks.for_connector(plan).map_err(ConfigProblems)?;
-        let runner = Runner {
-            plan,
-            source: source.as_ref(),
-            sink: sink.as_ref(),
-            store: &store,
-            stop: stop.clone(),
-        };
+        let wired = Wired::new(plan, &sinks)?;
+        let runner = wired.runner(plan, &store, stop.clone());
         for entity in entities(plan, args.entity)? {
             if stop.is_cancelled() {
                 break;
@@ -176,17 +199,9 @@ pub async fn backfill(
     let loaded = load(config_path)?;
     let plan = loaded.connector(&args.broker).map_err(ConfigProblems)?;
     let store = open_store(&loaded)?;
-    let sink = Sinks::new(Arc::clone(&store), &loaded.settings.sink)?
-        .for_connector(plan)
-        .map_err(ConfigProblems)?;
-    let source = source_for(plan)?;
-    let runner = Runner {
-        plan,
-        source: source.as_ref(),
-        sink: sink.as_ref(),
-        store: &store,
-        stop: stop_on_signal(),
-    };
+    let sinks = Sinks::new(Arc::clone(&store), &loaded.settings.sink)?;
+    let wired = Wired::new(plan, &sinks)?;
+    let runner = wired.runner(plan, &store, stop_on_signal());
     let now = Timestamp::now();
     for entity in entities(plan, args.entity)? {
         let bar = backfill::progress_bar();
@@ -342,15 +357,8 @@ async fn retry(
     for ((broker, entity, stage), raws) in groups {
         let plan = loaded.connector(&broker).map_err(ConfigProblems)?;
         let entity: Entity = entity.parse().map_err(anyhow::Error::msg)?;
-        let source = source_for(plan)?;
-        let sink = sinks.for_connector(plan).map_err(ConfigProblems)?;
-        let runner = Runner {
-            plan,
-            source: source.as_ref(),
-            sink: sink.as_ref(),
-            store,
-            stop: CancellationToken::new(),
-        };
+        let wired = Wired::new(plan, &sinks)?;
+        let runner = wired.runner(plan, store, CancellationToken::new());
         let stage = if stage == "delivery" {
             Stage::Delivery
         } else {
