@@ -517,3 +517,68 @@ async fn a_long_window_keeps_the_slices_it_finished_when_it_fails() {
     );
     env.assert_cursor_covers_store(BROKER, Entity::Customers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_version_never_replaces_a_newer_one_stored_or_held() {
+    // A backfill page fetched before a record changed commits after the sync that stored the
+    // change: the newer state stays, for stored and for held records alike.
+    use t360_connector::sink::{PageBatch, Progress, Valid};
+    use t360_connector::state::Store;
+    use t360_connector::validate::validate;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("t.db")).unwrap();
+    let version = |entity: Entity, record: serde_json::Value| Valid {
+        record: validate(entity, &record).unwrap(),
+        normalised: record,
+    };
+    let deposit = |status: &str, at: &str| {
+        json!({"transaction_id": "T1", "customer_id": "LATER", "transaction_type": "deposit",
+               "amount": "10.00", "currency": "USD", "transaction_date": "2026-01-01T00:00:00Z",
+               "status": status, "last_modified_date": at})
+    };
+    let commit = |records: Vec<Valid>| {
+        store
+            .commit_page(&PageBatch {
+                broker: "b".into(),
+                entity: records[0].record.entity(),
+                records,
+                rejects: vec![],
+                progress: Progress::None,
+                keep_records: true,
+                hold_orphans: true,
+            })
+            .unwrap()
+    };
+    // Held (its customer is unknown): newer, then older.
+    commit(vec![version(
+        Entity::Transactions,
+        deposit("approved", "2026-01-02T00:00:00Z"),
+    )]);
+    commit(vec![version(
+        Entity::Transactions,
+        deposit("pending", "2026-01-01T12:00:00Z"),
+    )]);
+    let customer = json!({"customer_id": "LATER", "signup_date": "2026-01-01T00:00:00Z",
+                          "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"});
+    let released = commit(vec![version(Entity::Customers, customer)]);
+    assert_eq!(released.released[Entity::Transactions as usize], 1);
+    // Stored: older again.
+    commit(vec![version(
+        Entity::Transactions,
+        deposit("pending", "2026-01-01T06:00:00Z"),
+    )]);
+
+    let conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+    let status: String = conn
+        .query_row(
+            "SELECT status FROM transactions WHERE transaction_id = 'T1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        status, "approved",
+        "an older version replaced the newer one"
+    );
+}

@@ -512,7 +512,13 @@ fn hold(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
          ON CONFLICT (broker, entity, record_key) DO UPDATE SET
             customer_id = excluded.customer_id, record = excluded.record,
-            last_seen = excluded.last_seen",
+            last_seen = excluded.last_seen
+         -- As for stored rows: an older version (a backfill page racing a sync) never
+         -- replaces a newer one waiting for its customer.
+         WHERE json_extract(excluded.record, '$.last_modified_date') IS NULL
+            OR json_extract(held.record, '$.last_modified_date') IS NULL
+            OR julianday(json_extract(excluded.record, '$.last_modified_date'))
+               >= julianday(json_extract(held.record, '$.last_modified_date'))",
     )?
     .execute(params![
         broker,
