@@ -50,17 +50,9 @@ async fn legacy_env_with(
 
 /// Rows with decimal columns compared as numbers (`1.20` lots and `1.2` lots are one amount).
 fn by_value(rows: BTreeMap<String, Row>) -> BTreeMap<String, Row> {
-    const DECIMALS: [&str; 6] = [
-        "amount",
-        "lots_traded",
-        "volume_usd",
-        "spread_cost",
-        "commission",
-        "pnl",
-    ];
     rows.into_iter()
         .map(|(k, mut row)| {
-            for column in DECIMALS {
+            for column in DECIMAL_FIELDS {
                 if let Some(Some(text)) = row.get_mut(column) {
                     *text = text.parse::<Decimal>().unwrap().normalize().to_string();
                 }

@@ -15,6 +15,16 @@ pub use t360_connector::sample_broker::{Dataset, DatasetSpec, Paging, SampleBrok
 
 pub mod track360;
 
+/// The Track360 fields that hold money or lots (JSON numbers, exact decimals).
+pub const DECIMAL_FIELDS: [&str; 6] = [
+    "amount",
+    "lots_traded",
+    "volume_usd",
+    "spread_cost",
+    "commission",
+    "pnl",
+];
+
 /// A row as text: column → value (NULL is `None`).
 pub type Row = BTreeMap<String, Option<String>>;
 

@@ -353,14 +353,7 @@ fn validate(s: &Shared, entity: Entity, records: &[Value]) -> Vec<Value> {
         {
             fail("currency", "must be an ISO 4217 code");
         }
-        for number in [
-            "amount",
-            "lots_traded",
-            "volume_usd",
-            "spread_cost",
-            "commission",
-            "pnl",
-        ] {
+        for number in super::DECIMAL_FIELDS {
             if r.get(number).is_some_and(|v| !v.is_number()) {
                 fail(number, "must be a number");
             }
