@@ -231,7 +231,7 @@ backfill_slice = "{slice}"
                 entity.as_str()
             ))
             .unwrap();
-        let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+        let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
         let rows = stmt
             .query_map([broker], |r| {
                 let mut row = Row::new();
