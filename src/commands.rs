@@ -12,13 +12,12 @@ use crate::backfill;
 use crate::cli::{
     BackfillArgs, DemoArgs, QuarantineArgs, QuarantineCommand, SampleBrokerArgs, SyncArgs,
 };
-use crate::config::{self, ConnectorPlan, Loaded, SourcePlan, plan::parse_instant};
+use crate::config::{self, ConnectorPlan, Loaded, plan::parse_instant};
 use crate::engine::Runner;
 use crate::model::Entity;
 use crate::sample_broker::{Dataset, DatasetSpec, OAuthClient, Paging, SampleBroker};
 use crate::sink::{Sink, Sinks, Stage};
 use crate::source::Source;
-use crate::source::rest::RestSource;
 use crate::state::{QuarantineFilter, Store};
 
 /// A failure whose message is the whole story (printed as is, exit code 2).
@@ -65,14 +64,14 @@ fn open_store(loaded: &Loaded) -> anyhow::Result<Arc<Store>> {
 
 /// A connector's source and sink, built for one command.
 struct Wired {
-    source: Box<dyn Source>,
+    source: Arc<dyn Source>,
     sink: Arc<dyn Sink>,
 }
 
 impl Wired {
     fn new(plan: &ConnectorPlan, sinks: &Sinks) -> anyhow::Result<Wired> {
         Ok(Wired {
-            source: source_for(plan)?,
+            source: crate::source::for_plan(plan)?,
             sink: sinks.for_connector(plan).map_err(ConfigProblems)?,
         })
     }
@@ -90,15 +89,6 @@ impl Wired {
             store,
             stop,
         }
-    }
-}
-
-fn source_for(plan: &ConnectorPlan) -> anyhow::Result<Box<dyn Source>> {
-    match &plan.source {
-        SourcePlan::Rest(rest) => Ok(Box::new(
-            RestSource::new(&plan.broker, rest, &plan.zone)
-                .with_context(|| format!("{}: cannot build the HTTP client", plan.broker))?,
-        )),
     }
 }
 

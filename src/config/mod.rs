@@ -6,6 +6,7 @@
 pub mod plan;
 pub mod raw;
 pub mod secret;
+pub mod sql;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use plan::Problems;
 pub use plan::{AuthPlan, ConnectorPlan, RestPlan, Settings, SourcePlan, SyncPlan};
 use raw::{RawConnector, RawSettings};
+pub use sql::SqlPlan;
 
 /// One problem in one configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]

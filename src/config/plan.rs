@@ -11,6 +11,7 @@ use secrecy::SecretString;
 
 use super::ConfigError;
 use super::raw::{RawConnector, RawPii, RawRest, RawSchedule, RawSettings, RawSync};
+use super::sql::{Engine, SqlPlan, sql_plan};
 use crate::daemon::schedule::Schedule;
 use crate::model::Entity;
 use crate::normalise::Mapping;
@@ -108,7 +109,8 @@ pub struct ConnectorPlan {
 
 #[derive(Debug, Clone)]
 pub enum SourcePlan {
-    Rest(RestPlan),
+    Rest(Box<RestPlan>),
+    Sql(Box<SqlPlan>),
 }
 
 /// A broker's REST API.
@@ -327,12 +329,6 @@ pub(super) fn connector_plan(
             format!("`{broker}` must be 1–64 letters, digits, `-`, `_` or `.`"),
         );
     }
-    if raw.kind != "rest" {
-        problems.add(
-            "kind",
-            format!("`{}` is not a source kind this build knows: rest", raw.kind),
-        );
-    }
     if let Some(preset) = &raw.preset
         && preset != "track360-standard"
     {
@@ -359,10 +355,51 @@ pub(super) fn connector_plan(
             entities
         }
     };
-    let source = match &raw.rest {
-        Some(rest) => rest_plan(rest, problems).map(SourcePlan::Rest),
-        None => {
+    let source = match (raw.kind.as_str(), &raw.rest, &raw.sql) {
+        ("rest", Some(rest), None) => {
+            rest_plan(rest, problems).map(|plan| SourcePlan::Rest(Box::new(plan)))
+        }
+        ("rest", None, _) => {
             problems.add("rest", "a `[rest]` table is required for kind = \"rest\"");
+            None
+        }
+        (kind, _, sql) if Engine::parse(kind).is_some() => match (sql, &raw.rest, &zone) {
+            (Some(sql), None, Some(zone)) => {
+                let engine = Engine::parse(kind).expect("matched above");
+                sql_plan(engine, sql, zone, &entities, problems)
+                    .map(|plan| SourcePlan::Sql(Box::new(plan)))
+            }
+            (None, _, _) => {
+                problems.add(
+                    "sql",
+                    format!("a `[sql]` table is required for kind = \"{kind}\""),
+                );
+                None
+            }
+            (_, Some(_), _) => {
+                problems.add(
+                    "rest",
+                    format!("a `[rest]` table has no use with kind = \"{kind}\""),
+                );
+                None
+            }
+            (_, _, None) => None,
+        },
+        ("rest", _, Some(_)) => {
+            problems.add("sql", "a `[sql]` table has no use with kind = \"rest\"");
+            None
+        }
+        (kind, rest, _) => {
+            // Still check what is there, so that one `check` reports every problem.
+            if let Some(rest) = rest {
+                rest_plan(rest, problems);
+            }
+            problems.add(
+                "kind",
+                format!(
+                    "`{kind}` is not a source kind this build knows: rest, postgres, mysql, sqlite"
+                ),
+            );
             None
         }
     };
@@ -889,7 +926,7 @@ fn sync_plan(
     })
 }
 
-fn optional_duration(
+pub(super) fn optional_duration(
     text: &Option<String>,
     default: &str,
     key: &str,

@@ -97,6 +97,8 @@ pub struct RawConnector {
     /// Which entities to pull; all three when absent.
     pub entities: Option<Vec<String>>,
     pub rest: Option<RawRest>,
+    /// kind = "postgres" | "mysql" | "sqlite": the database and each entity's table or query.
+    pub sql: Option<super::sql::RawSql>,
     /// Per entity: Track360 field → source field rule.
     #[serde(default)]
     pub mapping: BTreeMap<String, BTreeMap<String, RawField>>,

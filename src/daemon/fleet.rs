@@ -11,10 +11,9 @@ use tracing::{error, info};
 
 use super::Context;
 use super::worker::{EntityLock, worker};
-use crate::config::{self, ConnectorPlan, Settings, SourcePlan};
+use crate::config::{self, ConnectorPlan, Settings};
 use crate::model::Entity;
 use crate::source::Source;
-use crate::source::rest::RestSource;
 
 struct Running {
     broker: String,
@@ -86,9 +85,7 @@ impl Fleet {
     }
 
     fn start(&self, plan: ConnectorPlan) -> anyhow::Result<Running> {
-        let source: Arc<dyn Source> = match &plan.source {
-            SourcePlan::Rest(rest) => Arc::new(RestSource::new(&plan.broker, rest, &plan.zone)?),
-        };
+        let source: Arc<dyn Source> = crate::source::for_plan(&plan)?;
         let sink = self
             .ctx
             .sinks

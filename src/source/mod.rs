@@ -1,14 +1,18 @@
 //! Sources: where raw records come from. A source opens a pager over one entity's records whose
 //! `last_modified_date` falls in a window; the pager yields pages of raw JSON records.
 //!
-//! The engine owns the window, the commit and the cursor; a source only pages. A new kind of
-//! source (SQL replicas) is one module implementing these two traits.
+//! The engine owns the window, the commit and the cursor; a source only pages. Each kind of
+//! source (a REST API, a SQL replica) is one module implementing these two traits.
 
 pub mod rest;
+pub mod sql;
+
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use serde_json::Value;
 
+use crate::config::{ConnectorPlan, SourcePlan};
 use crate::model::Entity;
 use crate::sink::BoxFuture;
 
@@ -28,6 +32,21 @@ pub struct Page {
     pub records: Vec<Value>,
     /// Where the page came from, for messages (no secrets in it).
     pub origin: String,
+}
+
+/// The source a connector's plan describes (SQL pools need a running tokio runtime).
+pub fn for_plan(plan: &ConnectorPlan) -> anyhow::Result<Arc<dyn Source>> {
+    use anyhow::Context;
+    Ok(match &plan.source {
+        SourcePlan::Rest(rest) => Arc::new(
+            rest::RestSource::new(&plan.broker, rest, &plan.zone)
+                .with_context(|| format!("{}: cannot build the HTTP client", plan.broker))?,
+        ),
+        SourcePlan::Sql(sql) => Arc::new(
+            sql::SqlSource::new(&plan.broker, sql)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", plan.broker))?,
+        ),
+    })
 }
 
 /// Opens pagers. Shared by every run of a connector.
@@ -58,6 +77,13 @@ pub enum SourceError {
     Unstable { url: String, message: String },
     #[error("{url}: {message}")]
     Auth { url: String, message: String },
+    /// A database query failed (`origin` names the database, never with a password).
+    #[error("{origin}: {message}")]
+    Query {
+        origin: String,
+        message: String,
+        retryable: bool,
+    },
 }
 
 impl SourceError {
@@ -72,6 +98,7 @@ impl SourceError {
             // cheap, and a broker that always answers garbage runs out of retry time.
             SourceError::BadPage { .. } => true,
             SourceError::Unstable { .. } | SourceError::Auth { .. } => false,
+            SourceError::Query { retryable, .. } => *retryable,
         }
     }
 

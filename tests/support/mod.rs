@@ -13,6 +13,7 @@ use t360_connector::commands;
 use t360_connector::model::Entity;
 pub use t360_connector::sample_broker::{Dataset, DatasetSpec, Paging, SampleBroker, natural_key};
 
+pub mod replica;
 pub mod track360;
 
 /// The Track360 fields that hold money or lots (JSON numbers, exact decimals).
@@ -224,30 +225,7 @@ backfill_slice = "{slice}"
 
     /// Every stored row of `entity` of `broker`.
     pub fn rows_of(&self, broker: &str, entity: Entity) -> BTreeMap<String, Row> {
-        let conn = self.open();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT * FROM {} WHERE broker = ?1",
-                entity.as_str()
-            ))
-            .unwrap();
-        let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
-        let rows = stmt
-            .query_map([broker], |r| {
-                let mut row = Row::new();
-                for (i, column) in columns.iter().enumerate() {
-                    if column != "broker" {
-                        row.insert(column.clone(), r.get::<_, Option<String>>(i)?);
-                    }
-                }
-                Ok(row)
-            })
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        rows.into_iter()
-            .map(|row| (key_of_row(entity, &row), row))
-            .collect()
+        stored_rows(&self.database(), broker, entity)
     }
 
     pub fn count(&self, sql: &str) -> i64 {
@@ -284,13 +262,7 @@ backfill_slice = "{slice}"
     }
 
     pub fn cursor_of(&self, broker: &str, entity: Entity) -> Option<String> {
-        self.open()
-            .query_row(
-                "SELECT cursor FROM checkpoints WHERE broker = ?1 AND entity = ?2",
-                [broker, entity.as_str()],
-                |r| r.get(0),
-            )
-            .ok()
+        stored_cursor(&self.database(), broker, entity)
     }
 
     /// Quarantined keys of `entity` with their reasons.
@@ -333,6 +305,50 @@ backfill_slice = "{slice}"
             assert_same(entity, &rows, &truth);
         }
     }
+}
+
+/// Every row of `entity` of `broker` in the store at `database`, by natural key, without the
+/// `broker` column.
+pub fn stored_rows(
+    database: &std::path::Path,
+    broker: &str,
+    entity: Entity,
+) -> BTreeMap<String, Row> {
+    let conn = rusqlite::Connection::open(database).expect("state database");
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT * FROM {} WHERE broker = ?1",
+            entity.as_str()
+        ))
+        .unwrap();
+    let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+    let rows = stmt
+        .query_map([broker], |r| {
+            let mut row = Row::new();
+            for (i, column) in columns.iter().enumerate() {
+                if column != "broker" {
+                    row.insert(column.clone(), r.get::<_, Option<String>>(i)?);
+                }
+            }
+            Ok(row)
+        })
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    rows.into_iter()
+        .map(|row| (key_of_row(entity, &row), row))
+        .collect()
+}
+
+/// The live cursor of (`broker`, `entity`) in the store at `database`.
+pub fn stored_cursor(database: &std::path::Path, broker: &str, entity: Entity) -> Option<String> {
+    let conn = rusqlite::Connection::open(database).ok()?;
+    conn.query_row(
+        "SELECT cursor FROM checkpoints WHERE broker = ?1 AND entity = ?2",
+        [broker, entity.as_str()],
+        |r| r.get(0),
+    )
+    .ok()
 }
 
 /// Compares two keyed row sets and names the first differences.
