@@ -202,3 +202,44 @@ async fn bad_flags_are_named() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_every_problem_of_a_sql_connector() {
+    let env = Env::start(dataset(5), Paging::Cursor, Connector::default()).await;
+    let file = env.dir.path().join("connectors").join("replica.toml");
+    std::fs::write(
+        &file,
+        r#"kind = "postgres"
+timezone = "Europe/Athens"
+[sql]
+url = "postgres://reader:hunter2@db.example/crm"
+tls = "sometimes"
+max_connections = 100
+[sql.customers]
+table = "customers; DROP TABLE customers"
+[sql.trading_activity]
+table = "mt5_deals"
+cursor = "Time stamp"
+[sql.trading_activity.deals]
+lots_on = "sideways"
+day_start = "25:00"
+"#,
+    )
+    .unwrap();
+    let out = env.binary().arg("check").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    for key in [
+        "`sql.url`",
+        "`sql.tls`",
+        "`sql.max_connections`",
+        "`sql.customers.table`",
+        "`sql.transactions`",
+        "`sql.trading_activity.cursor`",
+        "`sql.trading_activity.deals.lots_on`",
+        "`sql.trading_activity.deals.day_start`",
+    ] {
+        assert!(err.contains(key), "{key} not reported: {err}");
+    }
+    assert!(!err.contains("hunter2"), "the password is echoed: {err}");
+}

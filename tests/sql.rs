@@ -918,3 +918,48 @@ async fn the_session_is_read_only() {
         r.drop_schema().await;
     }
 }
+
+#[tokio::test]
+async fn tls_verifies_the_server_by_default_and_names_what_failed() {
+    let Ok(url) = std::env::var("T360_TEST_POSTGRES_URL") else {
+        eprintln!(
+            "!!! SKIPPED tls_verifies_the_server_by_default: T360_TEST_POSTGRES_URL is not set"
+        );
+        return;
+    };
+    let w = World::new(Replica::postgres(&url).await);
+    let r = &w.replica;
+    r.exec(CUSTOMERS).await;
+    insert_customer(r, "c1", "2026-01-05 10:00:00").await;
+    // The test server's certificate is self-signed (or it has no TLS at all): the default,
+    // verify-full, refuses it; `require` encrypts without verifying.
+    w.connector(&["customers"], "", CUSTOMERS_TABLE);
+    let file = w
+        .dir
+        .path()
+        .join("connectors")
+        .join(format!("{BROKER}.toml"));
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("tls = \"disable\"\n", "")).unwrap();
+    let error = format!(
+        "{:#}",
+        w.sync().await.expect_err("an unverified server is refused")
+    );
+    assert!(
+        ["certificate", "tls", "TLS", "ssl", "SSL"]
+            .iter()
+            .any(|w| error.contains(w)),
+        "{error}"
+    );
+    assert_eq!(w.cursor(Entity::Customers), None);
+    if r.exec_scalar("SHOW ssl").await == "on" {
+        std::fs::write(
+            &file,
+            text.replace("tls = \"disable\"", "tls = \"require\""),
+        )
+        .unwrap();
+        w.sync().await.unwrap();
+        assert_eq!(w.rows(Entity::Customers).len(), 1);
+    }
+    r.drop_schema().await;
+}

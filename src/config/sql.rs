@@ -396,13 +396,13 @@ fn entity_plan(
             None
         }
     };
-    let deals = deals?;
     let cursor = column(
         &raw.cursor,
         "last_modified_date",
         &format!("{key}.cursor"),
         problems,
     );
+    let deals = deals?;
     let default_key: Vec<String> = match &deals {
         Some(d) => vec![d.deal.clone()],
         None => entity

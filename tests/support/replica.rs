@@ -153,6 +153,17 @@ impl Replica {
         result.unwrap_or_else(|e| panic!("{}: {sql}: {e}", self.kind.name()));
     }
 
+    /// The first column of the first row of `sql`, as text (PostgreSQL only).
+    pub async fn exec_scalar(&self, sql: &str) -> String {
+        match &self.admin {
+            Admin::Postgres(pool) => sqlx::query_scalar::<_, String>(AssertSqlSafe(sql.to_owned()))
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+            _ => unimplemented!("exec_scalar is for PostgreSQL"),
+        }
+    }
+
     fn dialect(&self, sql: &str) -> String {
         let (ts, tsz, dec) = match self.kind {
             Kind::Postgres => ("timestamp(6)", "timestamptz", "numeric(24,8)"),

@@ -33,8 +33,8 @@ impl From<sqlx::Error> for DbError {
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Tls(_) => true,
+            | sqlx::Error::WorkerCrashed => true,
+            // A certificate that does not verify will not verify on the next try either.
             // PostgreSQL class 08 (connection exception), 57P01–57P03 (shutdown, restart);
             // MySQL 1053 (server shutdown) and 2006/2013 (gone away, lost).
             sqlx::Error::Database(db) => db.code().is_some_and(|code| {
