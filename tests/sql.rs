@@ -114,9 +114,15 @@ settle = "0s"
             .unwrap()
     }
 
-    fn plan(&self) -> ConnectorPlan {
+    fn assert_valid(&self) {
         let loaded = config::load(Some(&self.config)).unwrap();
-        assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+        let problems: Vec<String> = loaded.problems.iter().map(ToString::to_string).collect();
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+
+    fn plan(&self) -> ConnectorPlan {
+        self.assert_valid();
+        let loaded = config::load(Some(&self.config)).unwrap();
         loaded.connector(BROKER).unwrap().clone()
     }
 
@@ -962,4 +968,181 @@ async fn tls_verifies_the_server_by_default_and_names_what_failed() {
         assert_eq!(w.rows(Entity::Customers).len(), 1);
     }
     r.drop_schema().await;
+}
+
+/// The statements of a shipped `.sql` file, with `name` standing for its schema.
+fn statements(file: &str, schema: &str, name: &str) -> Vec<String> {
+    let text: String = std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(schema, name);
+    text.split(";\n")
+        .map(|s| s.trim().trim_end_matches(';').to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A shipped example connector file, pointed at `r` (its schema renamed to `name`).
+fn example_connector(
+    file: &str,
+    schema: &str,
+    name: &str,
+    r: &Replica,
+    extra: &[(&str, &str)],
+) -> String {
+    let mut text = std::fs::read_to_string(file).unwrap().replace(schema, name);
+    let url_line = text
+        .lines()
+        .find(|l| l.starts_with("url = "))
+        .unwrap()
+        .to_owned();
+    text = text.replace(&url_line, &format!("url = \"{}\"", r.url));
+    text = text.replace("tls = \"verify-full\"", "tls = \"disable\"");
+    let secret_lines: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("password_env") || l.starts_with("password_file"))
+        .map(str::to_owned)
+        .collect();
+    for line in secret_lines {
+        text = text.replace(&line, "");
+    }
+    for (from, to) in extra {
+        text = text.replace(from, to);
+    }
+    text
+}
+
+#[tokio::test]
+async fn the_shipped_postgres_crm_example_pulls_its_sample_replica() {
+    let Ok(url) = std::env::var("T360_TEST_POSTGRES_URL") else {
+        eprintln!(
+            "!!! SKIPPED the_shipped_postgres_crm_example: T360_TEST_POSTGRES_URL is not set"
+        );
+        return;
+    };
+    let w = World::new(Replica::postgres(&url).await);
+    let r = &w.replica;
+    let name = r.prefix.trim_end_matches('.').to_owned();
+    // The example creates its own schema.
+    r.drop_schema().await;
+    for statement in statements("connectors/examples/postgres-crm.sql", "crm_replica", &name) {
+        r.exec(&statement).await;
+    }
+    let key_file = w.dir.path().join("hash.key");
+    std::fs::write(&key_file, "test-hash-key\n").unwrap();
+    let text = example_connector(
+        "connectors/examples/postgres-crm.toml",
+        "crm_replica",
+        &name,
+        r,
+        &[(
+            "hash_key_env = \"POSTGRES_CRM_HASH_KEY\"",
+            &format!("hash_key_file = \"{}\"", key_file.display()),
+        )],
+    );
+    std::fs::write(w.dir.path().join("connectors/postgres-crm.toml"), text).unwrap();
+    w.assert_valid();
+    w.sync().await.unwrap();
+
+    let db = w.database();
+    let customers = stored_rows(&db, "postgres-crm", Entity::Customers);
+    assert_eq!(customers.len(), 2);
+    let ada = &customers["1001"];
+    assert_eq!(ada["signup_date"].as_deref(), Some("2026-01-05T09:30:00Z"));
+    assert_eq!(ada["affiliate_id"].as_deref(), Some("IB-7"));
+    assert_ne!(ada["email"].as_deref(), Some("ada@example.com"), "hashed");
+    let transactions = stored_rows(&db, "postgres-crm", Entity::Transactions);
+    assert_eq!(transactions.len(), 3);
+    assert_eq!(
+        transactions["P-2"]["transaction_type"].as_deref(),
+        Some("withdrawal")
+    );
+    assert_eq!(transactions["P-2"]["amount"].as_deref(), Some("-50.00"));
+    assert_eq!(
+        transactions["P-3"]["transaction_type"].as_deref(),
+        Some("ib_rebate")
+    );
+    let activity = stored_rows(&db, "postgres-crm", Entity::TradingActivity);
+    let row = &activity["2026-01-07|1001|EURUSD|USD"];
+    assert_eq!(row["lots_traded"].as_deref(), Some("3.50"));
+    assert_eq!(row["pnl"].as_deref(), Some("-120.75"));
+    assert_eq!(activity.len(), 2);
+    r.exec(&format!("DROP SCHEMA {name} CASCADE")).await;
+}
+
+#[tokio::test]
+async fn the_shipped_mysql_mt5_example_pulls_its_sample_replica() {
+    let Ok(url) = std::env::var("T360_TEST_MYSQL_URL") else {
+        eprintln!("!!! SKIPPED the_shipped_mysql_mt5_example: T360_TEST_MYSQL_URL is not set");
+        return;
+    };
+    let w = World::new(Replica::mysql(&url).await);
+    let r = &w.replica;
+    let name = r.prefix.trim_end_matches('.').to_owned();
+    r.drop_schema().await;
+    for statement in statements("connectors/examples/mysql-mt5.sql", "mt5_replica", &name) {
+        r.exec(&statement).await;
+    }
+    let text = example_connector(
+        "connectors/examples/mysql-mt5.toml",
+        "mt5_replica",
+        &name,
+        r,
+        &[],
+    );
+    std::fs::write(w.dir.path().join("connectors/mysql-mt5.toml"), text).unwrap();
+    w.assert_valid();
+    w.sync().await.unwrap();
+
+    let db = w.database();
+    let customers = stored_rows(&db, "mysql-mt5", Entity::Customers);
+    assert_eq!(customers.len(), 2);
+    // Server wall-clock 10:00 in Athens (UTC+2 in March).
+    assert_eq!(
+        customers["50001"]["signup_date"].as_deref(),
+        Some("2026-03-02T08:00:00Z")
+    );
+    assert_eq!(customers["50001"]["affiliate_id"].as_deref(), Some("9001"));
+    let transactions = stored_rows(&db, "mysql-mt5", Entity::Transactions);
+    assert_eq!(transactions.len(), 2);
+    assert_eq!(
+        transactions["7"]["transaction_type"].as_deref(),
+        Some("withdrawal")
+    );
+    assert_eq!(
+        transactions["1"]["transaction_date"].as_deref(),
+        Some("2026-03-02T08:05:00Z")
+    );
+    let norm = |s: &Option<String>| {
+        s.as_deref()
+            .unwrap()
+            .parse::<rust_decimal::Decimal>()
+            .unwrap()
+            .normalize()
+            .to_string()
+    };
+    let activity = stored_rows(&db, "mysql-mt5", Entity::TradingActivity);
+    let got: BTreeMap<String, (String, String, String)> = activity
+        .iter()
+        .map(|(k, row)| {
+            (
+                k.clone(),
+                (
+                    norm(&row["lots_traded"]),
+                    norm(&row["commission"]),
+                    norm(&row["pnl"]),
+                ),
+            )
+        })
+        .collect();
+    let want = expect(&[
+        ("2026-03-02|50001|EURUSD|USD", "4", "14", "34.3"),
+        ("2026-03-03|50001|EURUSD|USD", "1", "3.5", "0"),
+        ("2026-03-03|50002|XAUUSD|EUR", "0.1", "2", "-12"),
+    ]);
+    assert_eq!(got, want);
+    r.exec(&format!("DROP DATABASE {name}")).await;
 }
