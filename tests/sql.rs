@@ -1146,3 +1146,43 @@ async fn the_shipped_mysql_mt5_example_pulls_its_sample_replica() {
     assert_eq!(got, want);
     r.exec(&format!("DROP DATABASE {name}")).await;
 }
+
+#[tokio::test]
+async fn a_select_only_user_reads_with_its_password_from_a_file() {
+    let Ok(url) = std::env::var("T360_TEST_MYSQL_URL") else {
+        eprintln!(
+            "!!! SKIPPED a_select_only_user_reads_with_its_password_from_a_file: T360_TEST_MYSQL_URL is not set"
+        );
+        return;
+    };
+    let w = World::new(Replica::mysql(&url).await);
+    let r = &w.replica;
+    r.exec(CUSTOMERS).await;
+    insert_customer(r, "c1", "2026-01-05 10:00:00").await;
+    // The grants README asks a broker for: SELECT on the tables pulled, nothing else.
+    let user = format!("{}_ro", r.prefix.trim_end_matches('.'));
+    let secret = "s3cret-'quote\"-pass";
+    r.exec(&format!(
+        "CREATE USER '{user}'@'%' IDENTIFIED BY 's3cret-''quote\"-pass'"
+    ))
+    .await;
+    r.exec(&format!("GRANT SELECT ON {{p}}customers TO '{user}'@'%'"))
+        .await;
+    let password = w.dir.path().join("db.password");
+    std::fs::write(&password, format!("{secret}\n")).unwrap();
+    let mut reader = url::Url::parse(&r.url).unwrap();
+    reader.set_username(&user).unwrap();
+    reader.set_path(r.prefix.trim_end_matches('.'));
+    let extra = format!("password_file = \"{}\"", password.display());
+    w.connector_with_url(reader.as_str(), &["customers"], &extra, CUSTOMERS_TABLE);
+    w.sync().await.unwrap();
+    assert_eq!(w.rows(Entity::Customers).len(), 1);
+
+    // A wrong password fails the run, and the message does not carry the secret.
+    std::fs::write(&password, "wrong-password-xyz\n").unwrap();
+    let error = format!("{:#}", w.sync().await.expect_err("refused"));
+    assert!(error.contains("Access denied"), "{error}");
+    assert!(!error.contains("wrong-password-xyz"), "{error}");
+    r.exec(&format!("DROP USER '{user}'@'%'")).await;
+    r.drop_schema().await;
+}
