@@ -1186,3 +1186,44 @@ async fn a_select_only_user_reads_with_its_password_from_a_file() {
     r.exec(&format!("DROP USER '{user}'@'%'")).await;
     r.drop_schema().await;
 }
+
+#[tokio::test]
+async fn an_integer_change_stamp_counts_in_the_configured_epoch_unit() {
+    for replica in replica::available("an_integer_change_stamp").await {
+        let w = World::new(replica);
+        let r = &w.replica;
+        customers_for_logins(r, &["1"]).await;
+        // The MT5 SQL Export keeps some change stamps as milliseconds since 1970.
+        r.exec(&DEALS.replace("Timestamp {tsz}", "Timestamp BIGINT"))
+            .await;
+        let stamp_ms = (Timestamp::now() - jiff::SignedDuration::from_secs(30)).as_millisecond();
+        r.exec(&format!(
+            "INSERT INTO {{p}}mt5_deals VALUES (1, {stamp_ms}, 1, {}, 'EURUSD', 0, 0, 10000, '-1', '0', '0', 'USD')",
+            r.ts("2026-01-12 10:00:00")
+        ))
+        .await;
+        let tables = format!("{CUSTOMERS_TABLE}\n{DEALS_TABLE}");
+        w.connector(&["customers", "trading_activity"], "", &tables);
+        // Without the unit the run fails naming the fix: guessing wrong would read nothing.
+        let error = format!("{:#}", w.sync().await.expect_err("the unit is unknown"));
+        assert!(error.contains("epoch"), "{}: {error}", r.kind.name());
+        assert_eq!(w.cursor(Entity::TradingActivity), None);
+
+        w.connector(
+            &["customers", "trading_activity"],
+            "epoch = \"ms\"",
+            &tables,
+        );
+        w.sync().await.unwrap();
+        let want = expect(&[("2026-01-12|1|EURUSD|USD", "1", "1", "0")]);
+        assert_eq!(activity(&w), want, "{}", r.kind.name());
+        let stored = w.rows(Entity::TradingActivity);
+        let modified: Timestamp = stored["2026-01-12|1|EURUSD|USD"]["last_modified_date"]
+            .as_deref()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(modified.as_millisecond(), stamp_ms, "{}", r.kind.name());
+        r.drop_schema().await;
+    }
+}

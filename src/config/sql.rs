@@ -13,6 +13,7 @@ use serde::Deserialize;
 use super::plan::{Problems, optional_duration, parse_zone};
 use super::secret;
 use crate::model::Entity;
+pub use crate::source::sql::value::Epoch;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +39,9 @@ pub struct RawSql {
     /// Zone of the database's naive timestamps (`timestamp without time zone`, `DATETIME`);
     /// the connector's `timezone` when absent.
     pub naive_timezone: Option<String>,
+    /// What integer time columns count since 1970: `s` or `ms`. Required when a cursor or
+    /// deal time column is an integer: a wrong guess would read nothing, silently.
+    pub epoch: Option<String>,
     pub customers: Option<RawSqlEntity>,
     pub transactions: Option<RawSqlEntity>,
     pub trading_activity: Option<RawSqlEntity>,
@@ -154,6 +158,7 @@ pub struct SqlPlan {
     pub max_retry_time: Duration,
     pub page_size: u32,
     pub naive_zone: TimeZone,
+    pub epoch: Option<Epoch>,
     /// Per entity, in `Entity::ALL` order; `None` for entities the connector does not pull.
     pub entities: [Option<SqlEntityPlan>; 3],
 }
@@ -281,6 +286,15 @@ pub(super) fn sql_plan(
     );
     let connect_timeout = duration(&raw.connect_timeout, "10s", "sql.connect_timeout", problems);
     let max_retry_time = duration(&raw.max_retry_time, "1m", "sql.max_retry_time", problems);
+    let epoch = match raw.epoch.as_deref() {
+        None => Some(None),
+        Some("s") => Some(Some(Epoch::Seconds)),
+        Some("ms") => Some(Some(Epoch::Millis)),
+        Some(other) => {
+            problems.add("sql.epoch", format!("`{other}` is not one of s, ms"));
+            None
+        }
+    };
     let naive_zone = match &raw.naive_timezone {
         None => Some(zone.clone()),
         Some(name) => problems.take("sql.naive_timezone", parse_zone(name)),
@@ -317,6 +331,7 @@ pub(super) fn sql_plan(
         max_retry_time: max_retry_time?,
         page_size: page_size?,
         naive_zone: naive_zone?,
+        epoch: epoch?,
         entities: if complete { plans } else { return None },
     })
 }

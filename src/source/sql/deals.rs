@@ -187,7 +187,7 @@ impl<'a> DealsPager<'a> {
         let zone = self.source.zone().clone();
         let mut days = BTreeSet::new();
         self.scan(resolved, STAMP, self.window, Upper::Inclusive, |row| {
-            let time = row[2].instant(&zone).ok_or_else(|| {
+            let time = row[2].instant_as(resolved.time, &zone).ok_or_else(|| {
                 format!(
                     "deal {}: time `{}` is not a time",
                     row[1].text(),
@@ -211,7 +211,7 @@ impl<'a> DealsPager<'a> {
             TIME,
             Window { from, to },
             Upper::Exclusive,
-            |row| add(&mut groups, row, self.deals, &zone),
+            |row| add(&mut groups, row, self.deals, resolved.stamp, &zone),
         )
         .await?;
         Ok(groups
@@ -279,6 +279,7 @@ fn add(
     groups: &mut BTreeMap<(String, String, String), Group>,
     row: &[DbValue],
     deals: &DealsPlan,
+    stamp: TimeKind,
     zone: &jiff::tz::TimeZone,
 ) -> Result<(), String> {
     let deal = row[1].text();
@@ -288,7 +289,7 @@ fn add(
     if !counted && !matches!(action, BUY_CANCELED | SELL_CANCELED) {
         return Ok(());
     }
-    let modified = row[0].instant(zone).ok_or_else(|| {
+    let modified = row[0].instant_as(stamp, zone).ok_or_else(|| {
         format!(
             "deal {deal}: change stamp `{}` is not a time",
             row[0].text()

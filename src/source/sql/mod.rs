@@ -131,6 +131,7 @@ impl SqlSource {
                 let rows = self.fetch(entity, &sql, &[]).await?;
                 let sample = rows.rows.first().and_then(|r| r.first());
                 match sample {
+                    Some(DbValue::Int(_)) => self.epoch_kind(entity, column, "INTEGER"),
                     None => Ok(TimeKind::Text(TextStyle {
                         t_separator: false,
                         zulu: false,
@@ -160,6 +161,7 @@ impl SqlSource {
             // MySQL TIMESTAMP is an instant, read and compared in the session's UTC.
             (Engine::MySql, "TIMESTAMP") => Ok(TimeKind::Instant),
             (_, "TIMESTAMP" | "DATETIME") => Ok(TimeKind::Civil),
+            (_, t) if is_integer_type(t) => self.epoch_kind(entity, column, t),
             (_, other) => Err(self.fail(
                 entity,
                 format!(
@@ -168,6 +170,24 @@ impl SqlSource {
                 ),
             )),
         }
+    }
+
+    /// An integer time column counts in `[sql] epoch`, which must be said.
+    fn epoch_kind(
+        &self,
+        entity: Entity,
+        column: &str,
+        type_name: &str,
+    ) -> Result<TimeKind, SourceError> {
+        self.plan.epoch.map(TimeKind::Epoch).ok_or_else(|| {
+            self.fail(
+                entity,
+                format!(
+                    "column `{column}` is {type_name}: set [sql] epoch = \"s\" or \"ms\" to say \
+                     what it counts since 1970"
+                ),
+            )
+        })
     }
 
     fn fail(&self, entity: Entity, message: String) -> SourceError {
@@ -298,6 +318,13 @@ impl RowPager<'_> {
             origin: format!("{} page {}", source.origin(self.entity), self.calls),
         }))
     }
+}
+
+fn is_integer_type(name: &str) -> bool {
+    matches!(
+        name.trim_end_matches(" UNSIGNED"),
+        "INT2" | "INT4" | "INT8" | "SMALLINT" | "MEDIUMINT" | "INT" | "BIGINT" | "INTEGER"
+    )
 }
 
 /// The bound values for a query's slots.

@@ -39,6 +39,15 @@ pub enum TimeKind {
     Civil,
     /// SQLite text, compared as text: bounds are written the way the column's values are.
     Text(TextStyle),
+    /// An integer count since 1970 (`[sql] epoch` says in what).
+    Epoch(Epoch),
+}
+
+/// The unit of integer time columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epoch {
+    Seconds,
+    Millis,
 }
 
 /// How a SQLite file writes a time column, read off one of its values.
@@ -83,6 +92,20 @@ impl DbValue {
         }
     }
 
+    /// The instant this value of a column of `kind` names: integers count in the epoch's unit.
+    pub fn instant_as(&self, kind: TimeKind, zone: &TimeZone) -> Option<Timestamp> {
+        let count = match self {
+            DbValue::Int(i) => *i,
+            DbValue::UInt(u) => i64::try_from(*u).ok()?,
+            _ => return self.instant(zone),
+        };
+        match kind {
+            TimeKind::Epoch(Epoch::Seconds) => Timestamp::from_second(count).ok(),
+            TimeKind::Epoch(Epoch::Millis) => Timestamp::from_millisecond(count).ok(),
+            _ => None,
+        }
+    }
+
     /// The JSON the field mapping reads.
     pub fn to_json(&self, zone: &TimeZone) -> Value {
         match self {
@@ -119,6 +142,8 @@ impl DbValue {
 pub fn bound(t: Timestamp, kind: TimeKind, zone: &TimeZone) -> DbValue {
     match kind {
         TimeKind::Instant => DbValue::Instant(t),
+        TimeKind::Epoch(Epoch::Seconds) => DbValue::Int(t.as_second()),
+        TimeKind::Epoch(Epoch::Millis) => DbValue::Int(t.as_millisecond()),
         TimeKind::Civil => DbValue::Civil(t.to_zoned(zone.clone()).datetime()),
         TimeKind::Text(style) => {
             let sep = if style.t_separator { 'T' } else { ' ' };
@@ -180,6 +205,14 @@ mod tests {
         );
         assert_eq!(TextStyle::of("2026-01-01T00:00:00+02:00"), None);
         assert_eq!(bound(t, TimeKind::Instant, &athens), DbValue::Instant(t));
+        let ms = TimeKind::Epoch(Epoch::Millis);
+        assert_eq!(bound(t, ms, &athens), DbValue::Int(1_782_864_000_000));
+        assert_eq!(
+            DbValue::Int(1_782_864_000_000).instant_as(ms, &athens),
+            Some(t)
+        );
+        let s = TimeKind::Epoch(Epoch::Seconds);
+        assert_eq!(DbValue::UInt(1_782_864_000).instant_as(s, &athens), Some(t));
     }
 
     #[test]
