@@ -48,6 +48,9 @@ pub enum Command {
     Backfill(BackfillArgs),
     /// Show each broker and entity: cursor, lag, last success, last error, counts.
     Status,
+    /// Compare the store with the broker, day by day and key by key (exit 0 only when equal,
+    /// 3 when they differ); `--repair` sends the drift through the pipeline and re-checks.
+    Reconcile(ReconcileArgs),
     /// Quarantined records: list them, retry them after a fix, or purge them.
     #[command(subcommand)]
     Quarantine(QuarantineCommand),
@@ -73,6 +76,33 @@ pub struct SyncArgs {
     /// Only this entity: customers, transactions or trading_activity.
     #[arg(long)]
     pub entity: Option<Entity>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    #[arg(long)]
+    pub broker: String,
+    /// One entity; every entity the connector pulls when absent.
+    #[arg(long)]
+    pub entity: Option<Entity>,
+    /// First day compared (UTC), e.g. 2026-01-01.
+    #[arg(long)]
+    pub from: String,
+    /// Last day compared, included.
+    #[arg(long)]
+    pub to: String,
+    /// Re-send what is missing or different, delete what the broker no longer has (embedded
+    /// store), then compare again.
+    #[arg(long)]
+    pub repair: bool,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Args)]

@@ -10,11 +10,13 @@ use tracing::{error, info, warn};
 
 use crate::backfill;
 use crate::cli::{
-    BackfillArgs, DemoArgs, QuarantineArgs, QuarantineCommand, SampleBrokerArgs, SyncArgs,
+    BackfillArgs, DemoArgs, QuarantineArgs, QuarantineCommand, ReconcileArgs, ReportFormat,
+    SampleBrokerArgs, SyncArgs,
 };
 use crate::config::{self, ConnectorPlan, Loaded, plan::parse_instant};
 use crate::engine::Runner;
 use crate::model::Entity;
+use crate::reconcile;
 use crate::sample_broker::{Dataset, DatasetSpec, OAuthClient, Paging, SampleBroker};
 use crate::sink::{Sink, Sinks, Stage};
 use crate::source::Source;
@@ -207,6 +209,75 @@ pub async fn backfill(
     Ok(())
 }
 
+/// The store and the broker differ: the report, printed on stdout (exit code 3).
+#[derive(Debug)]
+pub struct Drift(pub String);
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Drift {}
+
+/// `reconcile`: compares (and with `--repair` repairs) a broker's entities over a day range.
+pub async fn reconcile(
+    config_path: Option<&std::path::Path>,
+    args: &ReconcileArgs,
+) -> anyhow::Result<String> {
+    let range = reconcile::parse_range(&args.from, &args.to).map_err(|e| anyhow!("{e}"))?;
+    let loaded = load(config_path)?;
+    let plan = loaded.connector(&args.broker).map_err(ConfigProblems)?;
+    let store = open_store(&loaded)?;
+    let sinks = Sinks::new(Arc::clone(&store), &loaded.settings.sink)?;
+    let wired = Wired::new(plan, &sinks)?;
+    let runner = wired.runner(plan, &store, stop_on_signal());
+    let delete_gone = embedded_sink(&loaded, plan);
+    let mut outcomes = Vec::new();
+    for entity in entities(plan, args.entity)? {
+        outcomes.push(reconcile::run(&runner, entity, range, args.repair, delete_gone).await?);
+    }
+    let equal = outcomes.iter().all(reconcile::Outcome::equal);
+    let text = match args.format {
+        ReportFormat::Json => serde_json::to_string_pretty(&serde_json::json!({
+            "equal": equal,
+            "reconciliations": outcomes,
+        }))?,
+        ReportFormat::Table => {
+            let mut out = String::new();
+            for o in &outcomes {
+                out.push_str(&o.before.table());
+                if let (Some(repaired), Some(after)) = (&o.repaired, &o.after) {
+                    let _ = writeln!(
+                        out,
+                        "repaired: {} re-sent through the pipeline, {} deleted; after the repair:",
+                        repaired.resent, repaired.deleted
+                    );
+                    out.push_str(&after.table());
+                }
+                out.push('\n');
+            }
+            out
+        }
+    };
+    if equal {
+        Ok(text)
+    } else {
+        Err(Drift(text).into())
+    }
+}
+
+/// Whether the broker's records land in the embedded store (which reconciliation may repair
+/// by deleting what the broker no longer has).
+fn embedded_sink(loaded: &Loaded, plan: &ConnectorPlan) -> bool {
+    use crate::config::plan::SinkKind;
+    matches!(
+        plan.sink.unwrap_or(loaded.settings.sink.kind),
+        SinkKind::Sqlite | SinkKind::Both
+    )
+}
+
 /// `status`: a table of every configured or known (broker, entity).
 pub fn status(config_path: Option<&std::path::Path>) -> anyhow::Result<String> {
     let loaded = load(config_path)?;
@@ -258,25 +329,74 @@ pub fn status(config_path: Option<&std::path::Path>) -> anyhow::Result<String> {
             error,
         ]);
     }
-    let widths: Vec<usize> = (0..9)
+    let mut out = render(&table);
+    let reconciled = store.last_reconciliations()?;
+    if !reconciled.is_empty() {
+        let mut table = vec![
+            [
+                "RECONCILED",
+                "ENTITY",
+                "WHEN",
+                "DAYS",
+                "OUTCOME",
+                "MISSING",
+                "DIFFERENT",
+                "GONE",
+                "REPAIRED",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for r in reconciled {
+            let when = r
+                .finished_at
+                .round(Unit::Second)
+                .map_or(r.finished_at.to_string(), |t| t.to_string());
+            let outcome = match &r.error {
+                Some(e) => format!("failed: {}", e.chars().take(60).collect::<String>()),
+                None => r.outcome.clone(),
+            };
+            table.push(vec![
+                r.broker,
+                r.entity.to_string(),
+                when,
+                format!("{}..{}", r.range.0, r.range.1),
+                outcome,
+                r.missing.to_string(),
+                r.different.to_string(),
+                r.gone.to_string(),
+                r.repaired.to_string(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&render(&table));
+    }
+    Ok(out)
+}
+
+/// Rows as left-aligned columns two spaces apart.
+fn render<R: AsRef<[String]>>(table: &[R]) -> String {
+    let columns = table.first().map_or(0, |r| r.as_ref().len());
+    let widths: Vec<usize> = (0..columns)
         .map(|i| {
             table
                 .iter()
-                .map(|row| row[i].chars().count())
+                .map(|row| row.as_ref()[i].chars().count())
                 .max()
                 .unwrap_or(0)
         })
         .collect();
     let mut out = String::new();
-    for row in &table {
+    for row in table {
         let line: Vec<String> = row
+            .as_ref()
             .iter()
             .zip(&widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
-    Ok(out)
+    out
 }
 
 /// `quarantine list|retry|purge`.

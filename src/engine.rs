@@ -371,39 +371,10 @@ impl Runner<'_> {
     ) -> (Vec<Valid>, Vec<Reject>) {
         let mut valid = Vec::with_capacity(raw.len());
         let mut rejects = Vec::new();
-        for mut original in raw {
-            let (normalised, mapping_reasons) = mapping.apply(entity, &original);
-            match validate::validate(entity, &normalised) {
-                Ok(mut record) if mapping_reasons.is_empty() => {
-                    if let Record::Customer(customer) = &mut record {
-                        mapping.pii.apply(customer);
-                    }
-                    valid.push(Valid { record, normalised });
-                }
-                result => {
-                    // A field that failed to convert also fails validation; its mapping reason
-                    // (which names the source path) says it better, once.
-                    let failed = |r: &String| {
-                        mapping_reasons
-                            .iter()
-                            .any(|m| m.split(':').next() == r.split(':').next())
-                    };
-                    let mut reasons = mapping_reasons.clone();
-                    reasons.extend(
-                        result
-                            .err()
-                            .unwrap_or_default()
-                            .into_iter()
-                            .filter(|r| !failed(r)),
-                    );
-                    mapping.redact_raw(entity, &mut original);
-                    rejects.push(Reject {
-                        key: quarantine_key(entity, &normalised),
-                        raw: original.to_string(),
-                        reasons,
-                        stage: Stage::Validation,
-                    });
-                }
+        for original in raw {
+            match check(entity, original, mapping) {
+                Ok(v) => valid.push(v),
+                Err(r) => rejects.push(r),
             }
         }
         (valid, rejects)
@@ -414,6 +385,44 @@ impl Runner<'_> {
             broker: self.plan.broker.clone(),
             entity,
             source,
+        }
+    }
+}
+
+/// One broker record through the pipeline's pure part: field mapping, validation and the
+/// personal-data policy. A reject carries every reason and the record as it may be kept.
+pub fn check(entity: Entity, mut original: Value, mapping: &Mapping) -> Result<Valid, Reject> {
+    let (normalised, mapping_reasons) = mapping.apply(entity, &original);
+    match validate::validate(entity, &normalised) {
+        Ok(mut record) if mapping_reasons.is_empty() => {
+            if let Record::Customer(customer) = &mut record {
+                mapping.pii.apply(customer);
+            }
+            Ok(Valid { record, normalised })
+        }
+        result => {
+            // A field that failed to convert also fails validation; its mapping reason
+            // (which names the source path) says it better, once.
+            let failed = |r: &String| {
+                mapping_reasons
+                    .iter()
+                    .any(|m| m.split(':').next() == r.split(':').next())
+            };
+            let mut reasons = mapping_reasons.clone();
+            reasons.extend(
+                result
+                    .err()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|r| !failed(r)),
+            );
+            mapping.redact_raw(entity, &mut original);
+            Err(Reject {
+                key: quarantine_key(entity, &normalised),
+                raw: original.to_string(),
+                reasons,
+                stage: Stage::Validation,
+            })
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod http;
 pub mod model;
 pub mod normalise;
+pub mod reconcile;
 pub mod sample_broker;
 pub mod sink;
 pub mod source;

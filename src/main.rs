@@ -11,6 +11,8 @@ use tracing_subscriber::EnvFilter;
 /// Exit codes: 0 success, 1 a sync or command failed, 2 bad configuration or arguments.
 const FAILED: u8 = 1;
 const BAD_CONFIG: u8 = 2;
+/// `reconcile` found the store and the broker different.
+const DRIFT: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
             Command::Sync(args) => commands::sync(config, args).await.map(|()| None),
             Command::Backfill(args) => commands::backfill(config, args).await.map(|()| None),
             Command::Status => commands::status(config).map(Some),
+            Command::Reconcile(args) => commands::reconcile(config, args).await.map(Some),
             Command::Quarantine(action) => commands::quarantine(config, action).await.map(Some),
             Command::SampleBroker(args) => commands::sample_broker(args).await.map(|()| None),
             Command::Demo(args) => commands::demo(config, args).await.map(Some),
@@ -57,6 +60,10 @@ fn main() -> ExitCode {
                 println!("{}", text.trim_end());
             }
             ExitCode::SUCCESS
+        }
+        Err(e) if e.is::<commands::Drift>() => {
+            println!("{}", e.to_string().trim_end());
+            ExitCode::from(DRIFT)
         }
         Err(e) if e.is::<commands::ConfigProblems>() => {
             eprintln!("{e}");

@@ -19,9 +19,13 @@ pub const RETRIES: &str = "t360_http_retries_total";
 pub const CURSOR_LAG: &str = "t360_cursor_lag_seconds";
 pub const TICKS_SKIPPED: &str = "t360_schedule_ticks_skipped_total";
 pub const SYNCS_RUNNING: &str = "t360_syncs_running";
+pub const QUARANTINE_SIZE: &str = "t360_quarantine_records";
+pub const RECONCILE_RUNS: &str = "t360_reconcile_runs_total";
+pub const RECONCILE_DRIFT: &str = "t360_reconcile_drift_records";
+pub const RECONCILE_REPAIRED: &str = "t360_reconcile_repaired_records_total";
 
 /// Every metric this daemon exports (a dashboard may query only these).
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 15] = [
     RECORDS_PULLED,
     RECORDS_STORED,
     RECORDS_QUARANTINED,
@@ -33,6 +37,10 @@ pub const ALL: [&str; 11] = [
     CURSOR_LAG,
     TICKS_SKIPPED,
     SYNCS_RUNNING,
+    QUARANTINE_SIZE,
+    RECONCILE_RUNS,
+    RECONCILE_DRIFT,
+    RECONCILE_REPAIRED,
 ];
 
 /// Run-duration histogram buckets, in seconds.
@@ -95,4 +103,51 @@ pub fn ticks_skipped(broker: &str, entity: Entity, count: u64) {
 
 pub fn syncs_running(count: usize) {
     gauge!(SYNCS_RUNNING).set(count as f64);
+}
+
+/// A connector started: its series exist from now on (a dashboard shows 0, not "no data").
+pub fn connector_started(broker: &str, entities: &[Entity]) {
+    for &entity in entities {
+        let [b, e] = labels(broker, entity);
+        counter!(RETRIES, &[b.clone(), e.clone()]).increment(0);
+        counter!(
+            HTTP_REQUESTS,
+            &[b.clone(), e.clone(), ("status", "429".to_owned())]
+        )
+        .increment(0);
+        counter!(RECORDS_STORED, &[b.clone(), e.clone()]).increment(0);
+        counter!(RECORDS_QUARANTINED, &[b, e]).increment(0);
+    }
+}
+
+/// The records of (broker, entity) in quarantine now.
+pub fn quarantine_size(broker: &str, entity: Entity, records: u64) {
+    gauge!(QUARANTINE_SIZE, &labels(broker, entity)).set(records as f64);
+}
+
+/// A reconciliation ended: `equal`, `drift`, `repaired` or `failed`; the drift it found
+/// (missing, different, gone) and the records a repair re-sent or deleted.
+pub fn reconciled(
+    broker: &str,
+    entity: Entity,
+    outcome: &str,
+    drift: Option<[u64; 3]>,
+    repaired: u64,
+) {
+    let [b, e] = labels(broker, entity);
+    counter!(
+        RECONCILE_RUNS,
+        &[b.clone(), e.clone(), ("outcome", outcome.to_owned())]
+    )
+    .increment(1);
+    if let Some(drift) = drift {
+        for (kind, n) in ["missing", "different", "gone"].iter().zip(drift) {
+            gauge!(
+                RECONCILE_DRIFT,
+                &[b.clone(), e.clone(), ("kind", (*kind).to_owned())]
+            )
+            .set(n as f64);
+        }
+    }
+    counter!(RECONCILE_REPAIRED, &[b, e]).increment(repaired);
 }

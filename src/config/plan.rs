@@ -10,7 +10,7 @@ use reqwest::Url;
 use secrecy::SecretString;
 
 use super::ConfigError;
-use super::raw::{RawConnector, RawPii, RawRest, RawSchedule, RawSettings, RawSync};
+use super::raw::{RawConnector, RawPii, RawReconcile, RawRest, RawSchedule, RawSettings, RawSync};
 use super::sql::{Engine, SqlPlan, sql_plan};
 use crate::daemon::schedule::Schedule;
 use crate::model::Entity;
@@ -105,6 +105,16 @@ pub struct ConnectorPlan {
     pub fingerprint: u64,
     /// This broker's sink, when it differs from the daemon's.
     pub sink: Option<SinkKind>,
+    pub reconcile: ReconcilePlan,
+}
+
+/// Scheduled reconciliation (`[reconcile]`).
+#[derive(Debug, Clone)]
+pub struct ReconcilePlan {
+    pub schedule: Option<Schedule>,
+    pub days: i64,
+    pub entities: Vec<Entity>,
+    pub auto_repair: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -416,6 +426,7 @@ pub(super) fn connector_plan(
         }
     };
     let schedules = schedule_plan(&raw.schedule, problems);
+    let reconcile = reconcile_plan(&raw.reconcile, &raw.schedule, &entities, problems);
     let sink = match &raw.sink {
         None => Some(None),
         Some(text) => problems.take("sink", SinkKind::parse(text)).map(Some),
@@ -432,6 +443,7 @@ pub(super) fn connector_plan(
         schedules: schedules?,
         fingerprint: 0,
         sink: sink?,
+        reconcile: reconcile?,
     })
 }
 
@@ -540,6 +552,64 @@ fn schedule_plan(raw: &RawSchedule, problems: &mut Problems) -> Option<[Schedule
     }
     let [a, b, c]: [Option<Schedule>; 3] = schedules.try_into().ok()?;
     Some([a?, b?, c?])
+}
+
+fn reconcile_plan(
+    raw: &RawReconcile,
+    schedule: &RawSchedule,
+    pulled: &[Entity],
+    problems: &mut Problems,
+) -> Option<ReconcilePlan> {
+    let zone = match &schedule.timezone {
+        None => TimeZone::UTC,
+        // Reported once, by the schedule's own check.
+        Some(name) => parse_zone(name).unwrap_or(TimeZone::UTC),
+    };
+    let parsed = match &raw.schedule {
+        None => Some(None),
+        Some(text) => problems
+            .take("reconcile.schedule", Schedule::parse(text, zone))
+            .map(Some),
+    };
+    let days = match raw.days {
+        None => Some(7),
+        Some(n) if (1..=366).contains(&n) => Some(n),
+        Some(n) => {
+            problems.add(
+                "reconcile.days",
+                format!("must be between 1 and 366, found {n}"),
+            );
+            None
+        }
+    };
+    let entities = match &raw.entities {
+        None => Some(
+            [Entity::Transactions, Entity::TradingActivity]
+                .into_iter()
+                .filter(|e| pulled.contains(e))
+                .collect(),
+        ),
+        Some(names) => {
+            let mut entities = Vec::new();
+            for name in names {
+                match name.parse::<Entity>() {
+                    Ok(e) if pulled.contains(&e) => entities.push(e),
+                    Ok(e) => problems.add(
+                        "reconcile.entities",
+                        format!("{e} is not pulled by this connector (`entities`)"),
+                    ),
+                    Err(message) => problems.add("reconcile.entities", message),
+                }
+            }
+            Some(entities)
+        }
+    };
+    Some(ReconcilePlan {
+        schedule: parsed?,
+        days: days?,
+        entities: entities?,
+        auto_repair: raw.auto_repair,
+    })
 }
 
 fn pii_policy(raw: &RawPii, problems: &mut Problems) -> Option<PiiPolicy> {

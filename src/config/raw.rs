@@ -73,6 +73,21 @@ pub struct RawSchedule {
     pub trading_activity: Option<String>,
 }
 
+/// When `run` compares the store with the broker, and what it does about drift.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReconcile {
+    /// A cron expression in `schedule.timezone`; no scheduled reconciliation when absent.
+    pub schedule: Option<String>,
+    /// The last this many days (UTC, today included) are compared.
+    pub days: Option<i64>,
+    /// Default: transactions and trading_activity (what commissions are computed from).
+    pub entities: Option<Vec<String>>,
+    /// Send the drift through the pipeline (and delete what the broker no longer has).
+    #[serde(default)]
+    pub auto_repair: bool,
+}
+
 fn default_state_dir() -> String {
     "state".into()
 }
@@ -108,6 +123,9 @@ pub struct RawConnector {
     pub sync: RawSync,
     #[serde(default)]
     pub schedule: RawSchedule,
+    /// Scheduled reconciliation of the store with the broker.
+    #[serde(default)]
+    pub reconcile: RawReconcile,
     /// Overrides the daemon's `sink.kind` for this broker.
     pub sink: Option<String>,
 }

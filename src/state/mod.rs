@@ -6,7 +6,7 @@
 //! `synchronous = NORMAL`: a `kill -9` loses at most the transaction in flight, never a
 //! committed one, and never leaves records without their checkpoint or the reverse.
 
-mod schema;
+pub(crate) mod schema;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -50,6 +50,24 @@ pub struct EntityStatus {
     pub stored: u64,
     pub quarantined: u64,
     pub held: u64,
+}
+
+/// One reconciliation of a (broker, entity), as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct Reconciliation {
+    pub broker: String,
+    pub entity: Entity,
+    pub finished_at: Timestamp,
+    /// First and last day compared.
+    pub range: (String, String),
+    /// `equal`, `drift`, `repaired` or `failed`.
+    pub outcome: String,
+    pub missing: u64,
+    pub different: u64,
+    pub gone: u64,
+    /// Records re-sent or deleted by the repair.
+    pub repaired: u64,
+    pub error: Option<String>,
 }
 
 /// One row of the quarantine.
@@ -395,6 +413,96 @@ impl Store {
                 broker,
                 entity,
             })
+        })
+    }
+
+    /// Deletes stored records of `entity` by natural key (reconciliation found them gone from
+    /// the broker). Returns how many were there.
+    pub fn delete_records(
+        &self,
+        broker: &str,
+        entity: Entity,
+        keys: &[String],
+    ) -> Result<u64, StoreError> {
+        let condition: Vec<String> = entity
+            .key_fields()
+            .iter()
+            .map(|f| format!("{f} = ?"))
+            .collect();
+        let sql = format!(
+            "DELETE FROM {} WHERE broker = ? AND {}",
+            entity.as_str(),
+            condition.join(" AND ")
+        );
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let mut deleted = 0;
+            {
+                let mut stmt = tx.prepare(&sql)?;
+                for key in keys {
+                    let parts: Vec<&str> = key.splitn(entity.key_fields().len(), '|').collect();
+                    let mut values: Vec<&str> = vec![broker];
+                    values.extend(parts);
+                    deleted += stmt.execute(rusqlite::params_from_iter(values))? as u64;
+                }
+            }
+            tx.commit()?;
+            Ok(deleted)
+        })
+    }
+
+    /// Records a reconciliation's outcome.
+    pub fn record_reconciliation(&self, r: &Reconciliation) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO reconciliations (broker, entity, finished_at, range_from, range_to,
+                     outcome, missing, different, gone, repaired, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    r.broker,
+                    r.entity.as_str(),
+                    r.finished_at.to_string(),
+                    r.range.0,
+                    r.range.1,
+                    r.outcome,
+                    r.missing as i64,
+                    r.different as i64,
+                    r.gone as i64,
+                    r.repaired as i64,
+                    r.error,
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The latest reconciliation of every (broker, entity) that had one.
+    pub fn last_reconciliations(&self) -> Result<Vec<Reconciliation>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT broker, entity, finished_at, range_from, range_to, outcome, missing,
+                        different, gone, repaired, error
+                 FROM reconciliations WHERE id IN
+                     (SELECT max(id) FROM reconciliations GROUP BY broker, entity)
+                 ORDER BY broker, entity",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let entity: String = r.get(1)?;
+                let finished: String = r.get(2)?;
+                Ok(Reconciliation {
+                    broker: r.get(0)?,
+                    entity: entity.parse().unwrap_or(Entity::Customers),
+                    finished_at: finished.parse().unwrap_or(Timestamp::UNIX_EPOCH),
+                    range: (r.get(3)?, r.get(4)?),
+                    outcome: r.get(5)?,
+                    missing: r.get::<_, i64>(6)? as u64,
+                    different: r.get::<_, i64>(7)? as u64,
+                    gone: r.get::<_, i64>(8)? as u64,
+                    repaired: r.get::<_, i64>(9)? as u64,
+                    error: r.get(10)?,
+                })
+            })?;
+            rows.collect()
         })
     }
 

@@ -120,6 +120,24 @@ const MIGRATIONS: &[&str] = &[
     // v2: what a quarantined record's `raw` is — the broker's record ('validation') or the
     // record as posted to the ingestion API ('delivery') — so that a retry reads it right.
     "ALTER TABLE quarantine ADD COLUMN stage TEXT NOT NULL DEFAULT 'validation';",
+    // v3: reconciliations, for `status` and the drift metrics.
+    r#"
+    CREATE TABLE reconciliations (
+        id INTEGER PRIMARY KEY,
+        broker TEXT NOT NULL,
+        entity TEXT NOT NULL,
+        finished_at TEXT NOT NULL,
+        range_from TEXT NOT NULL,
+        range_to TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        missing INTEGER NOT NULL DEFAULT 0,
+        different INTEGER NOT NULL DEFAULT 0,
+        gone INTEGER NOT NULL DEFAULT 0,
+        repaired INTEGER NOT NULL DEFAULT 0,
+        error TEXT
+    );
+    CREATE INDEX reconciliations_by_entity ON reconciliations (broker, entity, id);
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each step runs in its own transaction together
