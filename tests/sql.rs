@@ -1227,3 +1227,25 @@ async fn an_integer_change_stamp_counts_in_the_configured_epoch_unit() {
         r.drop_schema().await;
     }
 }
+
+#[tokio::test]
+async fn a_null_key_fails_the_run_naming_the_row_instead_of_skipping_rows() {
+    for replica in replica::available("a_null_key_fails_the_run").await {
+        let w = World::new(replica);
+        let r = &w.replica;
+        r.exec(CUSTOMERS).await;
+        for id in ["c1", "c2", "c3"] {
+            insert_customer(r, id, "2026-01-05 10:00:00").await;
+        }
+        let table = "[sql.customers]\nquery = \"SELECT c.*, NULLIF(c.customer_id, 'c2') AS k FROM {p}customers c\"\nkey = [\"k\"]\n";
+        w.connector(&["customers"], "page_size = 1", table);
+        let error = format!("{:#}", w.sync().await.expect_err(r.kind.name()));
+        assert!(
+            error.contains("NULL key column"),
+            "{}: {error}",
+            r.kind.name()
+        );
+        assert_eq!(w.cursor(Entity::Customers), None);
+        r.drop_schema().await;
+    }
+}

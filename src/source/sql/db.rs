@@ -320,9 +320,17 @@ fn decode_mysql(row: &MySqlRow) -> Result<Vec<DbValue>, DbError> {
             "DECIMAL" => DbValue::Decimal(row.try_get(i).map_err(bad)?),
             "FLOAT" => DbValue::Float(f32_to_f64(row.try_get(i).map_err(bad)?)),
             "DOUBLE" => DbValue::Float(row.try_get(i).map_err(bad)?),
-            "DATETIME" => DbValue::Civil(civil(row.try_get(i).map_err(bad)?)),
-            "TIMESTAMP" => DbValue::Instant(instant(row.try_get(i).map_err(bad)?)),
-            "DATE" => DbValue::Date(date(row.try_get(i).map_err(bad)?)),
+            // MySQL's zero dates (`0000-00-00`) are no dates: read as NULL, so that the
+            // record is judged by validation instead of failing every run on the same row.
+            "DATETIME" => row
+                .try_get(i)
+                .map_or(DbValue::Null, |v| DbValue::Civil(civil(v))),
+            "TIMESTAMP" => row
+                .try_get(i)
+                .map_or(DbValue::Null, |v| DbValue::Instant(instant(v))),
+            "DATE" => row
+                .try_get(i)
+                .map_or(DbValue::Null, |v| DbValue::Date(date(v))),
             t if t.contains("CHAR") || t.contains("TEXT") || t == "ENUM" => {
                 DbValue::Text(row.try_get(i).map_err(bad)?)
             }

@@ -286,7 +286,10 @@ fn add(
     let action = integer(&row[5])
         .ok_or_else(|| format!("deal {deal}: action `{}` is not an integer", row[5].text()))?;
     let counted = matches!(action, BUY | SELL);
-    if !counted && !matches!(action, BUY_CANCELED | SELL_CANCELED) {
+    // A deal on a symbol that is not a trade (cancelled, or re-typed) still belongs to its
+    // group: the group is written, with its newest stamp, even when nothing in it counts —
+    // so a day whose trades were all cancelled is replaced by zeros, not kept stale.
+    if !counted && !matches!(action, BUY_CANCELED | SELL_CANCELED) && row[4].text().is_empty() {
         return Ok(());
     }
     let modified = row[0].instant_as(stamp, zone).ok_or_else(|| {

@@ -190,6 +190,28 @@ impl SqlSource {
         })
     }
 
+    /// Rows whose cursor is NULL never fall in a window: say so, loudly, every run.
+    async fn warn_null_cursors(
+        &self,
+        entity: Entity,
+        from: &From,
+        cursor: &str,
+    ) -> Result<(), SourceError> {
+        let sql = query::null_count(self.plan.engine, from, cursor);
+        let rows = self.fetch(entity, &sql, &[]).await?;
+        let count = rows
+            .rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(count)
+            .unwrap_or(0);
+        if count > 0 {
+            warn!(broker = %self.broker, entity = %entity, rows = count, column = cursor,
+                  "Rows with a NULL cursor are never synced: COALESCE the column in a query.");
+        }
+        Ok(())
+    }
+
     fn fail(&self, entity: Entity, message: String) -> SourceError {
         self.error(
             entity,
@@ -272,9 +294,41 @@ impl RowPager<'_> {
                 for name in std::iter::once(&self.spec.cursor).chain(&self.spec.key) {
                     order.push(source.resolve(self.entity, &shape, name)?);
                 }
+                let names: Vec<&String> = shape.columns.iter().map(|(n, _)| n).collect();
+                if let Some(twice) = names
+                    .iter()
+                    .find(|n| names.iter().filter(|m| m == n).count() > 1)
+                {
+                    return Err(source.fail(
+                        self.entity,
+                        format!("the source returns column `{twice}` twice: alias one of them"),
+                    ));
+                }
                 let kind = source
                     .time_kind(self.entity, &self.spec.from, &shape, &order[0])
                     .await?;
+                source
+                    .warn_null_cursors(self.entity, &self.spec.from, &order[0])
+                    .await?;
+                let nulls =
+                    query::null_keys(source.plan.engine, &self.spec.from, &order[0], &order[1..]);
+                let bounds = params(&nulls.slots, self.window, kind, source.zone(), None);
+                let found = source.fetch(self.entity, &nulls.sql, &bounds).await?;
+                if let Some(n) = found
+                    .rows
+                    .first()
+                    .and_then(|r| r.first())
+                    .and_then(count)
+                    .filter(|n| *n > 0)
+                {
+                    return Err(source.fail(
+                        self.entity,
+                        format!(
+                            "{n} row(s) of the window have a NULL key column ({}): key columns must be NOT NULL and unique",
+                            order[1..].join(", ")
+                        ),
+                    ));
+                }
                 self.resolved = Some((order.clone(), kind));
                 (order, kind)
             }
@@ -303,7 +357,21 @@ impl RowPager<'_> {
         }
         let positions = positions(&rows.names, &order).map_err(|m| source.fail(self.entity, m))?;
         if let Some(last) = rows.rows.last() {
-            self.after = Some(positions.iter().map(|&i| last[i].clone()).collect());
+            let after: Vec<DbValue> = positions.iter().map(|&i| last[i].clone()).collect();
+            // A NULL key cannot be a keyset position: `k > NULL` is never true, so the rows
+            // after it that share its cursor would be skipped.
+            if let Some(i) = after.iter().skip(1).position(|v| *v == DbValue::Null) {
+                return Err(source.fail(
+                    self.entity,
+                    format!(
+                        "a row with {} = {} has a NULL key column `{}`: key columns must be NOT NULL and unique",
+                        order[0],
+                        after[0].text(),
+                        order[i + 1]
+                    ),
+                ));
+            }
+            self.after = Some(after);
         }
         let zone = source.zone();
         let records = rows
@@ -317,6 +385,16 @@ impl RowPager<'_> {
             records,
             origin: format!("{} page {}", source.origin(self.entity), self.calls),
         }))
+    }
+}
+
+/// A `COUNT(*)` as the engine returns it.
+fn count(v: &DbValue) -> Option<i64> {
+    match v {
+        DbValue::Int(n) => Some(*n),
+        DbValue::UInt(n) => i64::try_from(*n).ok(),
+        DbValue::Decimal(d) => i64::try_from(*d).ok(),
+        _ => None,
     }
 }
 

@@ -104,6 +104,37 @@ pub fn sample(engine: Engine, from: &From, column: &str) -> String {
     )
 }
 
+/// How many rows have no cursor value (and so never fall in a window).
+pub fn null_count(engine: Engine, from: &From, column: &str) -> String {
+    format!(
+        "SELECT COUNT(*) FROM {} AS t360_src WHERE {} IS NULL",
+        source(engine, from),
+        quote(engine, column)
+    )
+}
+
+/// How many rows of the window have a NULL key column: they cannot be keyset positions, and
+/// where NULLs sort last they would never be read. Bounds in slots `Lower`, `Upper`.
+pub fn null_keys(engine: Engine, from: &From, cursor: &str, keys: &[String]) -> PageQuery {
+    let c = quote(engine, cursor);
+    let nulls: Vec<String> = keys
+        .iter()
+        .map(|k| format!("{} IS NULL", quote(engine, k)))
+        .collect();
+    let (lower, upper) = match engine {
+        Engine::Postgres => ("$1", "$2"),
+        Engine::MySql | Engine::Sqlite => ("?", "?"),
+    };
+    PageQuery {
+        sql: format!(
+            "SELECT COUNT(*) FROM {} AS t360_src WHERE {c} >= {lower} AND {c} <= {upper} AND ({})",
+            source(engine, from),
+            nulls.join(" OR ")
+        ),
+        slots: vec![Slot::Lower, Slot::Upper],
+    }
+}
+
 fn source(engine: Engine, from: &From) -> String {
     match from {
         From::Table(table) => {
