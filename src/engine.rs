@@ -192,6 +192,9 @@ impl Runner<'_> {
         ) {
             span.in_scope(|| warn!(error = %e, "Could not record the run's end."));
         }
+        if let Ok(n) = self.store.quarantine_count(broker, entity) {
+            telemetry::quarantine_size(broker, entity, n);
+        }
         if outcome == "success" && matches!(lane, Lane::Live) {
             let lag = jiff::Timestamp::now().duration_since(window.to);
             telemetry::cursor_lag(broker, entity, lag.as_secs_f64());

@@ -178,7 +178,8 @@ fn summed(entity: Entity) -> &'static [&'static str] {
 
 /// A scratch database beside the store, removed when dropped.
 struct Scratch {
-    conn: Connection,
+    // A `Connection` is `Send` but not `Sync`; the daemon awaits with a `&Scratch` held.
+    conn: std::sync::Mutex<Connection>,
     path: PathBuf,
 }
 
@@ -204,7 +205,10 @@ impl Scratch {
         };
         let conn = Connection::open(&path).map_err(fail)?;
         // From here on, dropping the scratch removes its file.
-        let mut scratch = Scratch { conn, path };
+        let scratch = Scratch {
+            conn: std::sync::Mutex::new(conn),
+            path,
+        };
         let init = |conn: &mut Connection| -> rusqlite::Result<()> {
             conn.pragma_update(None, "journal_mode", "OFF")?;
             conn.pragma_update(None, "synchronous", "OFF")?;
@@ -218,10 +222,14 @@ impl Scratch {
             conn.execute("ATTACH DATABASE ?1 AS store", [uri])?;
             Ok(())
         };
-        if let Err(e) = init(&mut scratch.conn) {
+        if let Err(e) = init(&mut scratch.lock()) {
             return Err(scratch.fail(e));
         }
         Ok(scratch)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn fail(&self, source: rusqlite::Error) -> ReconcileError {
@@ -286,10 +294,8 @@ fn keep_page(
     records: Vec<Value>,
     mapping: &crate::normalise::Mapping,
 ) -> Result<(), ReconcileError> {
-    let tx = scratch
-        .conn
-        .unchecked_transaction()
-        .map_err(|e| scratch.fail(e))?;
+    let conn = scratch.lock();
+    let tx = conn.unchecked_transaction().map_err(|e| scratch.fail(e))?;
     let result = (|| -> rusqlite::Result<()> {
         for raw in records {
             let text = raw.to_string();
@@ -342,7 +348,7 @@ fn scratch_report(
     entity: Entity,
     range: Range,
 ) -> rusqlite::Result<Report> {
-    let conn = &scratch.conn;
+    let conn = scratch.lock();
     // One read transaction: the store is seen as of one instant.
     let tx = conn.unchecked_transaction()?;
     let table = entity.as_str();
@@ -544,7 +550,7 @@ pub async fn repair(
         let mut raws = Vec::with_capacity(chunk.len());
         for key in chunk {
             let raw: Option<String> = scratch
-                .conn
+                .lock()
                 .query_row(
                     "SELECT raw FROM reconcile_raw WHERE record_key = ?1",
                     [key.as_str()],

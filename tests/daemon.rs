@@ -380,3 +380,69 @@ async fn the_global_limit_holds_and_a_failing_broker_stalls_no_other() {
     );
     assert_runs_never_overlap(&env, "1 = 1");
 }
+
+/// Every `t360_…` metric name in the dashboard's queries (panel targets and template variables).
+fn dashboard_metrics(value: &Value, names: &mut std::collections::BTreeSet<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map {
+                match (key.as_str(), v) {
+                    ("expr" | "query", Value::String(text)) => {
+                        for (at, _) in text.match_indices("t360_") {
+                            let name: String = text[at..]
+                                .chars()
+                                .take_while(|c| {
+                                    c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_'
+                                })
+                                .collect();
+                            names.insert(name);
+                        }
+                    }
+                    _ => dashboard_metrics(v, names),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| dashboard_metrics(v, names)),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_grafana_dashboard_queries_is_exported() {
+    let dashboard: Value =
+        serde_json::from_str(include_str!("../contrib/grafana/t360-connector.json")).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    dashboard_metrics(&dashboard, &mut names);
+    assert!(names.len() >= 10, "{names:?}");
+    for name in &names {
+        let base = name.trim_end_matches("_bucket");
+        assert!(
+            t360_connector::telemetry::ALL.contains(&base),
+            "the dashboard queries {name}, which telemetry does not define"
+        );
+    }
+    // A daemon that syncs and reconciles every few seconds exports every one of them.
+    let connector = Connector {
+        tail: format!("{EVERY_SECOND}\n[reconcile]\nschedule = \"*/2 * * * * *\"\ndays = 2\n"),
+        ..Connector::default()
+    };
+    let env = Env::start(dataset(20), Paging::Cursor, connector).await;
+    let port = env.daemon_settings("");
+    let daemon = env.start_daemon(port, &[]);
+    let mut last = String::new();
+    let mut missing: Vec<&String> = names.iter().collect();
+    for _ in 0..100 {
+        if let Some((_, metrics)) = daemon.get("/metrics").await {
+            missing = names
+                .iter()
+                .filter(|n| !metrics.contains(n.as_str()))
+                .collect();
+            last = metrics;
+        }
+        if missing.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(missing.is_empty(), "not exported: {missing:?}\n{last}");
+}

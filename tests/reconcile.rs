@@ -197,3 +197,50 @@ async fn a_broker_failing_mid_read_fails_the_reconciliation_and_writes_nothing()
         .collect();
     assert!(leftovers.is_empty(), "scratch files left: {leftovers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_reconciles_on_schedule_and_auto_repair_restores_what_a_sync_cannot() {
+    let connector = Connector {
+        tail: "[schedule]\ncustomers = \"* * * * * *\"\ntransactions = \"* * * * * *\"\n\
+               trading_activity = \"* * * * * *\"\n\
+               [reconcile]\nschedule = \"*/2 * * * * *\"\ndays = 366\nauto_repair = true\n"
+            .into(),
+        ..Connector::default()
+    };
+    let env = Env::start(dataset(30), Paging::Cursor, connector).await;
+    env.sync().await.unwrap();
+    let picked = three_keys(&env);
+    let lost = picked[0].1.clone();
+    store(&env)
+        .execute(
+            "DELETE FROM transactions WHERE broker = ?1 AND transaction_id = ?2",
+            [BROKER, &lost],
+        )
+        .unwrap();
+    let port = env.daemon_settings("");
+    let daemon = env.start_daemon(port, &[]);
+    let repaired = support::eventually(std::time::Duration::from_secs(15), || {
+        env.rows(T).contains_key(&lost)
+    })
+    .await;
+    assert!(
+        repaired,
+        "the scheduled reconciliation did not restore {lost}"
+    );
+    env.assert_store_equals_broker();
+    let (_, metrics) = daemon.get("/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("t360_reconcile_runs_total{broker=\"acme\",entity=\"transactions\",outcome=\"repaired\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "t360_reconcile_repaired_records_total{broker=\"acme\",entity=\"transactions\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        daemon.logs().contains("The store differs from the broker"),
+        "a warning is logged"
+    );
+}

@@ -10,10 +10,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use super::Context;
+use super::reconciler::reconciler;
 use super::worker::{EntityLock, worker};
 use crate::config::{self, ConnectorPlan, Settings};
 use crate::model::Entity;
 use crate::source::Source;
+use crate::telemetry;
 
 struct Running {
     broker: String,
@@ -93,6 +95,23 @@ impl Fleet {
             .map_err(anyhow::Error::msg)?;
         let stop = self.shutdown.child_token();
         let plan = Arc::new(plan);
+        telemetry::connector_started(&plan.broker, &plan.entities);
+        let reconciled: Vec<(Entity, EntityLock)> = plan
+            .reconcile
+            .entities
+            .iter()
+            .map(|&e| (e, self.lock(&plan.broker, e)))
+            .collect();
+        if plan.reconcile.schedule.is_some() && !reconciled.is_empty() {
+            self.ctx.tracker.spawn(reconciler(
+                Arc::clone(&self.ctx),
+                Arc::clone(&plan),
+                Arc::clone(&source),
+                Arc::clone(&sink),
+                reconciled,
+                stop.clone(),
+            ));
+        }
         for entity in plan.entities.iter().copied() {
             let lock = self.lock(&plan.broker, entity);
             self.ctx.tracker.spawn(worker(

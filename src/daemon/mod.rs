@@ -9,6 +9,7 @@
 
 mod fleet;
 pub mod health;
+mod reconciler;
 pub mod schedule;
 pub mod signals;
 mod systemd;
@@ -42,6 +43,8 @@ pub(crate) struct Context {
     pub max_slots: usize,
     pub health: Arc<Health>,
     pub tracker: TaskTracker,
+    /// The daemon's `sink.kind`, for connectors that do not name their own.
+    pub default_sink: crate::config::plan::SinkKind,
 }
 
 impl Context {
@@ -65,6 +68,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
         max_slots: settings.daemon.max_concurrent_syncs,
         health: Arc::clone(&health),
         tracker: TaskTracker::new(),
+        default_sink: settings.sink.kind,
     });
     // Cancelled once, on shutdown: the workers and the HTTP listener are its children.
     let shutdown = stop.child_token();

@@ -451,6 +451,18 @@ impl Store {
         })
     }
 
+    /// Records of (broker, entity) in quarantine now.
+    pub fn quarantine_count(&self, broker: &str, entity: Entity) -> Result<u64, StoreError> {
+        self.with(|conn| {
+            conn.query_row(
+                "SELECT count(*) FROM quarantine WHERE broker = ?1 AND entity = ?2",
+                params![broker, entity.as_str()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+        })
+    }
+
     /// Records a reconciliation's outcome.
     pub fn record_reconciliation(&self, r: &Reconciliation) -> Result<(), StoreError> {
         self.with(|conn| {
