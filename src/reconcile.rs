@@ -80,6 +80,10 @@ pub struct Report {
     pub quarantined_at_broker: u64,
     /// The broker's records held in the store until their customer arrives: known, not missing.
     pub held: u64,
+    /// When the broker's database computed the daily totals: the days read row by row (those
+    /// whose totals differ). Absent when every record of the range was read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub days_read: Option<usize>,
 }
 
 impl Report {
@@ -215,7 +219,8 @@ impl Scratch {
             crate::state::schema::migrate(conn)?;
             conn.execute_batch(
                 "CREATE TABLE reconcile_raw (record_key TEXT PRIMARY KEY, valid INTEGER NOT NULL,
-                     modified TEXT, raw TEXT NOT NULL) WITHOUT ROWID;",
+                     modified TEXT, raw TEXT NOT NULL) WITHOUT ROWID;
+                 CREATE TABLE read_days (day TEXT PRIMARY KEY) WITHOUT ROWID;",
             )?;
             // The store, read-only: the comparison never writes to it.
             let uri = format!("file:{}?mode=ro", store.display());
@@ -242,6 +247,10 @@ impl Scratch {
 
 /// Compares `entity` of the runner's broker over `range`. Reads the broker; writes nothing
 /// but the scratch file. A broker that fails mid-read fails the reconciliation.
+///
+/// A database source counts and sums per day itself (one aggregate query), and only the days
+/// whose totals differ from the store's are read row by row. Other sources are read whole:
+/// every record changed since the range's first day.
 pub async fn compare(
     runner: &Runner<'_>,
     entity: Entity,
@@ -250,14 +259,58 @@ pub async fn compare(
 ) -> Result<(Report, ScratchHandle), ReconcileError> {
     let plan = runner.plan;
     let scratch = Scratch::create(runner.store.path(), &plan.broker, entity)?;
+    let start_of = |d: Date| {
+        d.to_zoned(jiff::tz::TimeZone::UTC)
+            .map(|z| z.timestamp())
+            .unwrap_or(Timestamp::UNIX_EPOCH)
+    };
+    let (first, after_last) = (
+        start_of(range.from),
+        start_of(range.to.tomorrow().unwrap_or(range.to)),
+    );
+    let source_error = |source| EngineError::Source {
+        broker: plan.broker.clone(),
+        entity,
+        source,
+    };
+    if let Some((broker_days, day_column, sql)) =
+        pushdown(runner, entity, first, after_last).await?
+    {
+        let store_days = totals(&scratch.lock(), "store", &plan.broker, entity, range)
+            .map_err(|e| scratch.fail(e))?;
+        let days: BTreeSet<&String> = broker_days.keys().chain(store_days.keys()).collect();
+        let differing: Vec<String> = days
+            .into_iter()
+            .filter(|d| broker_days.get(*d) != store_days.get(*d))
+            .cloned()
+            .collect();
+        for day in &differing {
+            let Ok(date) = day.parse::<Date>() else {
+                continue;
+            };
+            let window = Window {
+                from: start_of(date),
+                // Inclusive: the last microsecond of the day (the finest a database keeps).
+                to: start_of(date.tomorrow().unwrap_or(date)) - SignedDuration::from_micros(1),
+            };
+            let mut pager = sql.pages_by(entity, &day_column, window);
+            while let Some(page) = pager.next_page().await.map_err(source_error)? {
+                keep_page(&scratch, &plan.broker, entity, page.records, &plan.mapping)?;
+            }
+            scratch
+                .lock()
+                .execute("INSERT OR IGNORE INTO read_days (day) VALUES (?1)", [day])
+                .map_err(|e| scratch.fail(e))?;
+        }
+        info!(broker = %plan.broker, entity = %entity, days_read = differing.len(),
+              "Daily totals compared in the database.");
+        let report = scratch_report(&scratch, &plan.broker, entity, range, Some(broker_days))
+            .map_err(|e| scratch.fail(e))?;
+        return Ok((report, ScratchHandle(scratch)));
+    }
     // Every record whose business day is in the range was last changed on or after that day
     // (a record changes when it happens or later); the lookback covers a replica's lag.
-    let start = range
-        .from
-        .to_zoned(jiff::tz::TimeZone::UTC)
-        .map(|z| z.timestamp())
-        .unwrap_or(Timestamp::UNIX_EPOCH)
-        - plan.sync.lookback;
+    let start = first - plan.sync.lookback;
     let end = now - plan.sync.settle;
     let floor = |t: Timestamp| Timestamp::from_second(t.as_second()).unwrap_or(t);
     let window = Window {
@@ -266,22 +319,83 @@ pub async fn compare(
     };
     let mut pager = runner.source.pages(entity, window);
     let mut pulled = 0u64;
-    while let Some(page) = pager
-        .next_page()
-        .await
-        .map_err(|source| EngineError::Source {
-            broker: plan.broker.clone(),
-            entity,
-            source,
-        })?
-    {
+    while let Some(page) = pager.next_page().await.map_err(source_error)? {
         pulled += page.records.len() as u64;
         keep_page(&scratch, &plan.broker, entity, page.records, &plan.mapping)?;
     }
     info!(broker = %plan.broker, entity = %entity, pulled, "Broker read for reconciliation.");
     let report =
-        scratch_report(&scratch, &plan.broker, entity, range).map_err(|e| scratch.fail(e))?;
+        scratch_report(&scratch, &plan.broker, entity, range, None).map_err(|e| scratch.fail(e))?;
     Ok((report, ScratchHandle(scratch)))
+}
+
+/// The business date of each entity: what a report's days are days of.
+fn day_field(entity: Entity) -> &'static str {
+    match entity {
+        Entity::Customers => "signup_date",
+        Entity::Transactions => "transaction_date",
+        Entity::TradingActivity => "date",
+    }
+}
+
+type Pushed<'a> = (
+    BTreeMap<String, Totals>,
+    String,
+    &'a crate::source::sql::SqlSource,
+);
+
+/// The broker's per-day totals, computed by its database, when it is one and the mapping
+/// reads the fields involved as plain columns.
+async fn pushdown<'a>(
+    runner: &Runner<'a>,
+    entity: Entity,
+    from: Timestamp,
+    to: Timestamp,
+) -> Result<Option<Pushed<'a>>, ReconcileError> {
+    let Some(sql) = runner.source.as_sql() else {
+        return Ok(None);
+    };
+    let mapping = &runner.plan.mapping;
+    let Some(day_column) = mapping.plain_column(entity, day_field(entity)) else {
+        return Ok(None);
+    };
+    let currency = match summed(entity) {
+        [] => None,
+        _ => match mapping.plain_column(entity, "currency") {
+            Some(c) => Some(c),
+            None => return Ok(None),
+        },
+    };
+    let mut sums = Vec::new();
+    for field in summed(entity) {
+        match mapping.plain_column(entity, field) {
+            Some(c) => sums.push(c),
+            None => return Ok(None),
+        }
+    }
+    let rows = sql
+        .day_totals(entity, day_column, currency, &sums, from, to)
+        .await
+        .map_err(|source| EngineError::Source {
+            broker: runner.plan.broker.clone(),
+            entity,
+            source,
+        })?;
+    let Some(rows) = rows else {
+        return Ok(None);
+    };
+    let mut days: BTreeMap<String, Totals> = BTreeMap::new();
+    for row in rows {
+        let totals = days.entry(row.day).or_default();
+        totals.count += row.count;
+        for (field, sum) in summed(entity).iter().zip(row.sums) {
+            *totals
+                .sums
+                .entry(format!("{field} {}", row.currency))
+                .or_default() += sum;
+        }
+    }
+    Ok(Some((days, day_column.to_owned(), sql)))
 }
 
 /// The broker's side, kept for a repair.
@@ -342,11 +456,14 @@ fn key_sql(entity: Entity, alias: &str) -> String {
         .join(" || '|' || ")
 }
 
+/// The report from the scratch and the store. With `pushed` (the broker's totals computed by
+/// its database) only the days in `read_days` were read, and keys are compared on those.
 fn scratch_report(
     scratch: &Scratch,
     broker: &str,
     entity: Entity,
     range: Range,
+    pushed: Option<BTreeMap<String, Totals>>,
 ) -> rusqlite::Result<Report> {
     let conn = scratch.lock();
     // One read transaction: the store is seen as of one instant.
@@ -369,6 +486,14 @@ fn scratch_report(
         bday
     };
     let sday = bday.replace("b.", "s.");
+    let (bread, sread) = if pushed.is_some() {
+        (
+            format!(" AND {bday} IN (SELECT day FROM main.read_days)"),
+            format!(" AND {sday} IN (SELECT day FROM main.read_days)"),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let keys = |sql: &str| -> rusqlite::Result<Vec<Diff>> {
         let mut stmt = tx.prepare(sql)?;
         let rows = stmt.query_map(params![broker, from, to], |r| {
@@ -383,7 +508,7 @@ fn scratch_report(
     // Held orphans are in the store's `held` table, waiting for their customer: known.
     let not_stored = format!(
         "FROM main.{table} b
-         WHERE b.broker = ?1 AND {bday} BETWEEN ?2 AND ?3
+         WHERE b.broker = ?1 AND {bday} BETWEEN ?2 AND ?3{bread}
            AND NOT EXISTS (SELECT 1 FROM store.{table} s WHERE s.broker = b.broker AND {join})",
     );
     let held_sql = format!(
@@ -404,7 +529,7 @@ fn scratch_report(
     // quarantine: known, not gone).
     let gone = keys(&format!(
         "SELECT {sday}, {skey} FROM store.{table} s
-         WHERE s.broker = ?1 AND {sday} BETWEEN ?2 AND ?3
+         WHERE s.broker = ?1 AND {sday} BETWEEN ?2 AND ?3{sread}
            AND NOT EXISTS (SELECT 1 FROM main.{table} b WHERE b.broker = s.broker AND {join})
            AND NOT EXISTS (SELECT 1 FROM main.reconcile_raw r WHERE r.record_key = {skey})
          ORDER BY 1, 2",
@@ -453,7 +578,17 @@ fn scratch_report(
         [],
         |r| r.get(0),
     )?;
-    let broker_days = totals(&tx, "main", broker, entity, range)?;
+    let days_read = match &pushed {
+        Some(_) => {
+            let n: i64 = tx.query_row("SELECT count(*) FROM main.read_days", [], |r| r.get(0))?;
+            Some(n as usize)
+        }
+        None => None,
+    };
+    let broker_days = match pushed {
+        Some(days) => days,
+        None => totals(&tx, "main", broker, entity, range)?,
+    };
     let store_days = totals(&tx, "store", broker, entity, range)?;
     let all_days: BTreeSet<&String> = broker_days.keys().chain(store_days.keys()).collect();
     let days = all_days
@@ -475,6 +610,7 @@ fn scratch_report(
         gone,
         quarantined_at_broker: quarantined_at_broker as u64,
         held: held as u64,
+        days_read,
     })
 }
 

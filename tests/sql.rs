@@ -1249,3 +1249,103 @@ async fn a_null_key_fails_the_run_naming_the_row_instead_of_skipping_rows() {
         r.drop_schema().await;
     }
 }
+
+async fn reconcile_json(w: &World, repair: bool) -> (bool, serde_json::Value) {
+    let args = t360_connector::cli::ReconcileArgs {
+        broker: BROKER.into(),
+        entity: Some(Entity::Transactions),
+        from: "2026-02-01".into(),
+        to: "2026-02-28".into(),
+        repair,
+        format: t360_connector::cli::ReportFormat::Json,
+    };
+    let (equal, text) = match commands::reconcile(Some(&w.config), &args).await {
+        Ok(text) => (true, text),
+        Err(e) => match e.downcast::<commands::Drift>() {
+            Ok(drift) => (false, drift.0),
+            Err(e) => panic!("{e:#}"),
+        },
+    };
+    (equal, serde_json::from_str(&text).unwrap())
+}
+
+#[tokio::test]
+async fn reconcile_sums_days_in_the_database_and_reads_only_the_days_that_differ() {
+    for replica in replica::available("reconcile_sums_days_in_the_database").await {
+        let w = World::new(replica);
+        let r = &w.replica;
+        r.exec(CUSTOMERS).await;
+        r.exec(TRANSACTIONS).await;
+        insert_customer(r, "c1", "2026-02-01 00:00:00").await;
+        let stamp = stamp_ago(60);
+        for day in 1..=3 {
+            for n in 0..4 {
+                r.exec(&format!(
+                    "INSERT INTO {{p}}transactions VALUES ({id}, 'c1', 'deposit', '{n}0.25', '{cur}', {}, 'approved', {})",
+                    r.tsz(&format!("2026-02-0{day} 1{n}:00:00")),
+                    r.ts(&stamp),
+                    id = day * 10 + n,
+                    cur = if n % 2 == 0 { "EUR" } else { "USD" },
+                ))
+                .await;
+            }
+        }
+        let tables =
+            format!("{CUSTOMERS_TABLE}\n[sql.transactions]\ntable = \"{{p}}transactions\"\n");
+        w.connector(
+            &["customers", "transactions"],
+            "naive_timezone = \"UTC\"",
+            &tables,
+        );
+        w.sync().await.unwrap();
+        let (equal, _) = reconcile_json(&w, false).await;
+        assert!(equal, "{}", r.kind.name());
+
+        // The store loses a row of the 1st; the broker changes an amount on the 2nd without
+        // touching last_modified_date. The 3rd is untouched.
+        let db = rusqlite::Connection::open(w.database()).unwrap();
+        db.execute("DELETE FROM transactions WHERE transaction_id = '11'", [])
+            .unwrap();
+        r.exec("UPDATE {p}transactions SET amount = '77.77' WHERE transaction_id = 22")
+            .await;
+        let (equal, json) = reconcile_json(&w, false).await;
+        assert!(!equal, "{}", r.kind.name());
+        let report = &json["reconciliations"][0]["before"];
+        let keys = |what: &str| -> Vec<String> {
+            report[what]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["key"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(keys("missing"), ["11"], "{}: {report}", r.kind.name());
+        assert_eq!(keys("different"), ["22"], "{}: {report}", r.kind.name());
+        assert!(keys("gone").is_empty(), "{}: {report}", r.kind.name());
+        let days_read = report["days_read"].as_u64();
+        match r.kind {
+            // The database summed the days; only the two that differ were read.
+            Kind::Postgres | Kind::MySql => {
+                assert_eq!(days_read, Some(2), "{}: {report}", r.kind.name())
+            }
+            Kind::Sqlite => assert_eq!(days_read, None, "SQLite sums are not exact: read whole"),
+        }
+        let day2 = report["days"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["day"] == "2026-02-02")
+            .unwrap();
+        assert_ne!(day2["broker"]["sums"], day2["store"]["sums"], "{day2}");
+        assert_eq!(day2["broker"]["count"], day2["store"]["count"], "{day2}");
+
+        let (equal, json) = reconcile_json(&w, true).await;
+        assert!(equal, "{}: {json}", r.kind.name());
+        let rows = w.rows(Entity::Transactions);
+        assert_eq!(rows.len(), 12);
+        let amount: rust_decimal::Decimal =
+            rows["22"]["amount"].as_deref().unwrap().parse().unwrap();
+        assert_eq!(amount.normalize().to_string(), "77.77");
+        r.drop_schema().await;
+    }
+}

@@ -61,6 +61,21 @@ impl Mapping {
         }
     }
 
+    /// The source column `field` is read from as it is — a one-segment path, no conversion
+    /// beyond reading RFC 3339 — or `None` (a database cannot compute with it then).
+    pub fn plain_column(&self, entity: Entity, field: &str) -> Option<&str> {
+        let rule = self.rules[entity as usize]
+            .iter()
+            .find(|r| r.field == field)?;
+        match (&rule.source, &rule.convert) {
+            (FieldSource::Path(path), Convert::Plain | Convert::Time(TimeFormat::Rfc3339)) => {
+                let name = path.strip_prefix('/')?;
+                (!name.is_empty() && !name.contains('/') && !name.contains('~')).then_some(name)
+            }
+            _ => None,
+        }
+    }
+
     /// Compiles `[mapping.<entity>]` tables over the standard preset. Problems come back as
     /// (key, message), every one of them.
     pub fn compile(

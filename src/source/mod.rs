@@ -52,6 +52,11 @@ pub fn for_plan(plan: &ConnectorPlan) -> anyhow::Result<Arc<dyn Source>> {
 /// Opens pagers. Shared by every run of a connector.
 pub trait Source: Send + Sync {
     fn pages(&self, entity: Entity, window: Window) -> Box<dyn Pager + '_>;
+
+    /// A database source, which can count and sum where the data is (reconciliation).
+    fn as_sql(&self) -> Option<&sql::SqlSource> {
+        None
+    }
 }
 
 /// Yields a window's pages in order; `None` after the last one.

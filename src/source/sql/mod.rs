@@ -161,6 +161,7 @@ impl SqlSource {
             // MySQL TIMESTAMP is an instant, read and compared in the session's UTC.
             (Engine::MySql, "TIMESTAMP") => Ok(TimeKind::Instant),
             (_, "TIMESTAMP" | "DATETIME") => Ok(TimeKind::Civil),
+            (_, "DATE") => Ok(TimeKind::Date),
             (_, t) if is_integer_type(t) => self.epoch_kind(entity, column, t),
             (_, other) => Err(self.fail(
                 entity,
@@ -236,6 +237,10 @@ impl SqlSource {
 }
 
 impl Source for SqlSource {
+    fn as_sql(&self) -> Option<&SqlSource> {
+        Some(self)
+    }
+
     fn pages(&self, entity: Entity, window: Window) -> Box<dyn Pager + '_> {
         let Some(spec) = &self.plan.entities[entity as usize] else {
             return Box::new(Unconfigured {
@@ -249,6 +254,7 @@ impl Source for SqlSource {
                 source: self,
                 entity,
                 spec,
+                cursor: &spec.cursor,
                 window,
                 resolved: None,
                 after: None,
@@ -259,11 +265,128 @@ impl Source for SqlSource {
     }
 }
 
+/// One day's (and currency's) count and sums, as the database computed them.
+#[derive(Debug, Clone)]
+pub struct DayRow {
+    pub day: String,
+    pub currency: String,
+    pub count: u64,
+    pub sums: Vec<rust_decimal::Decimal>,
+}
+
+impl SqlSource {
+    /// Per UTC day of `day_column` in `[from, to)`: the count of rows and the sums of `sums`
+    /// per `currency`, computed by the database (bound parameters, one query). `None` when it
+    /// cannot be computed exactly there: SQLite (no exact sums), deals, naive times in a zone
+    /// MySQL cannot convert, integer times.
+    pub async fn day_totals(
+        &self,
+        entity: Entity,
+        day_column: &str,
+        currency: Option<&str>,
+        sums: &[&str],
+        from: jiff::Timestamp,
+        to: jiff::Timestamp,
+    ) -> Result<Option<Vec<DayRow>>, SourceError> {
+        let Some(spec) = &self.plan.entities[entity as usize] else {
+            return Ok(None);
+        };
+        if spec.deals.is_some() || self.plan.engine == Engine::Sqlite {
+            return Ok(None);
+        }
+        let shape = self.shape(entity, &spec.from).await?;
+        let day = self.resolve(entity, &shape, day_column)?;
+        let currency = match currency {
+            Some(c) => Some(self.resolve(entity, &shape, c)?),
+            None => None,
+        };
+        let mut summed = Vec::new();
+        for s in sums {
+            summed.push(self.resolve(entity, &shape, s)?);
+        }
+        let kind = self.time_kind(entity, &spec.from, &shape, &day).await?;
+        let zone_name = self.plan.naive_zone.iana_name().map(str::to_owned);
+        let utc_naive = self.plan.naive_zone == TimeZone::UTC;
+        let Some(q) = query::day_totals(
+            self.plan.engine,
+            &spec.from,
+            &day,
+            kind,
+            zone_name.is_some(),
+            utc_naive,
+            currency.as_deref(),
+            &summed,
+        ) else {
+            return Ok(None);
+        };
+        let mut params = vec![bound(from, kind, self.zone()), bound(to, kind, self.zone())];
+        if q.zone {
+            params.push(DbValue::Text(zone_name.unwrap_or_default()));
+        }
+        let rows = self.fetch(entity, &q.sql, &params).await?;
+        let decimal = |v: &DbValue| match v {
+            DbValue::Decimal(d) => Some(*d),
+            DbValue::Int(i) => Some((*i).into()),
+            DbValue::Null => Some(rust_decimal::Decimal::ZERO),
+            _ => None,
+        };
+        let mut out = Vec::with_capacity(rows.rows.len());
+        let offset = usize::from(currency.is_some());
+        for row in &rows.rows {
+            let sums: Option<Vec<_>> = row[2 + offset..].iter().map(decimal).collect();
+            let (Some(n), Some(sums)) = (count(&row[1 + offset]), sums) else {
+                // An inexact SUM (a float column): let the rows speak instead.
+                return Ok(None);
+            };
+            out.push(DayRow {
+                day: row[0].text(),
+                currency: if offset == 1 {
+                    row[1].text()
+                } else {
+                    String::new()
+                },
+                count: n as u64,
+                sums,
+            });
+        }
+        Ok(Some(out))
+    }
+
+    /// Pages of `entity`'s rows whose `column` (a business date) lies in `window`, in keyset
+    /// order on `(column, key)`: the rows of the days whose totals differ.
+    pub fn pages_by<'a>(
+        &'a self,
+        entity: Entity,
+        column: &'a str,
+        window: Window,
+    ) -> Box<dyn Pager + 'a> {
+        let Some(spec) = &self.plan.entities[entity as usize] else {
+            return Box::new(Unconfigured {
+                source: self,
+                entity,
+            });
+        };
+        Box::new(RowPager {
+            source: self,
+            entity,
+            spec,
+            cursor: column,
+            window,
+            resolved: None,
+            after: None,
+            calls: 0,
+            done: false,
+        })
+    }
+}
+
 /// Pages of one entity's rows whose cursor column lies in the window.
 struct RowPager<'a> {
     source: &'a SqlSource,
     entity: Entity,
     spec: &'a SqlEntityPlan,
+    /// The column the window is over: the cursor, or a business date (reconciliation).
+    cursor: &'a str,
     window: Window,
     /// The keyset columns as the database spells them, and how the cursor is bound.
     resolved: Option<(Vec<String>, TimeKind)>,
@@ -291,7 +414,9 @@ impl RowPager<'_> {
             None => {
                 let shape = source.shape(self.entity, &self.spec.from).await?;
                 let mut order = Vec::new();
-                for name in std::iter::once(&self.spec.cursor).chain(&self.spec.key) {
+                for name in
+                    std::iter::once(self.cursor).chain(self.spec.key.iter().map(String::as_str))
+                {
                     order.push(source.resolve(self.entity, &shape, name)?);
                 }
                 let names: Vec<&String> = shape.columns.iter().map(|(n, _)| n).collect();

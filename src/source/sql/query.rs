@@ -135,6 +135,69 @@ pub fn null_keys(engine: Engine, from: &From, cursor: &str, keys: &[String]) -> 
     }
 }
 
+/// The per-day totals query of `SqlSource::day_totals`.
+pub struct DayTotalsQuery {
+    pub sql: String,
+    /// Whether the naive zone's name is bound after the two bounds.
+    pub zone: bool,
+}
+
+/// `SELECT day, [currency,] COUNT(*), SUM(s)… WHERE day_column >= lower AND < upper GROUP BY
+/// day, currency`, the day being the column's UTC calendar day; `None` when this engine cannot
+/// say that exactly for this kind of column.
+#[allow(clippy::too_many_arguments)]
+pub fn day_totals(
+    engine: Engine,
+    from: &From,
+    column: &str,
+    kind: super::value::TimeKind,
+    zone_has_name: bool,
+    naive_is_utc: bool,
+    currency: Option<&str>,
+    sums: &[String],
+) -> Option<DayTotalsQuery> {
+    use super::value::TimeKind;
+    let c = quote(engine, column);
+    let (day, zone) = match (engine, kind) {
+        (_, TimeKind::Date) => (c.clone(), false),
+        (Engine::Postgres, TimeKind::Instant) => {
+            (format!("CAST({c} AT TIME ZONE 'UTC' AS date)"), false)
+        }
+        (Engine::Postgres, TimeKind::Civil) if zone_has_name => (
+            format!("CAST(({c} AT TIME ZONE CAST($3 AS text)) AT TIME ZONE 'UTC' AS date)"),
+            true,
+        ),
+        // The session is UTC: TIMESTAMP reads as UTC; DATETIME only when naive means UTC.
+        (Engine::MySql, TimeKind::Instant) => (format!("DATE({c})"), false),
+        (Engine::MySql, TimeKind::Civil) if naive_is_utc => (format!("DATE({c})"), false),
+        _ => return None,
+    };
+    let (lower, upper) = match engine {
+        Engine::Postgres => ("$1", "$2"),
+        Engine::MySql | Engine::Sqlite => ("?", "?"),
+    };
+    let mut select = vec![format!("{day} AS t360_day")];
+    let mut group = vec!["1".to_owned()];
+    if let Some(currency) = currency {
+        select.push(quote(engine, currency));
+        group.push("2".into());
+    }
+    select.push("COUNT(*)".into());
+    for s in sums {
+        select.push(format!("SUM({})", quote(engine, s)));
+    }
+    Some(DayTotalsQuery {
+        sql: format!(
+            "SELECT {} FROM {} AS t360_src WHERE {c} >= {lower} AND {c} < {upper} GROUP BY {} ORDER BY {}",
+            select.join(", "),
+            source(engine, from),
+            group.join(", "),
+            group.join(", ")
+        ),
+        zone,
+    })
+}
+
 fn source(engine: Engine, from: &From) -> String {
     match from {
         From::Table(table) => {

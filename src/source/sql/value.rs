@@ -41,6 +41,8 @@ pub enum TimeKind {
     Text(TextStyle),
     /// An integer count since 1970 (`[sql] epoch` says in what).
     Epoch(Epoch),
+    /// A calendar day (`DATE`): an instant's UTC day.
+    Date,
 }
 
 /// The unit of integer time columns.
@@ -144,6 +146,7 @@ pub fn bound(t: Timestamp, kind: TimeKind, zone: &TimeZone) -> DbValue {
         TimeKind::Instant => DbValue::Instant(t),
         TimeKind::Epoch(Epoch::Seconds) => DbValue::Int(t.as_second()),
         TimeKind::Epoch(Epoch::Millis) => DbValue::Int(t.as_millisecond()),
+        TimeKind::Date => DbValue::Date(t.to_zoned(TimeZone::UTC).date()),
         TimeKind::Civil => DbValue::Civil(t.to_zoned(zone.clone()).datetime()),
         TimeKind::Text(style) => {
             let sep = if style.t_separator { 'T' } else { ' ' };
