@@ -1,0 +1,153 @@
+//! The release binary as a child process: its settings and connector files in a temp dir, its
+//! wall time, its own CPU time (`wait4`) and its own peak RSS (`VmHWM`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_t360-connector");
+
+/// A fresh state dir with a settings file and one connector file.
+pub struct Setup {
+    pub dir: PathBuf,
+}
+
+impl Setup {
+    /// `settings_tail`: tables appended to the settings file (`[sink]`…).
+    pub fn new(dir: &Path, settings_tail: &str, broker: &str, connector: &str) -> Setup {
+        let connectors = dir.join("connectors");
+        std::fs::create_dir_all(&connectors).expect("create the connectors dir");
+        let settings = format!(
+            "state_dir = {:?}\nconnectors_dir = {:?}\n{settings_tail}",
+            dir.join("state").display().to_string(),
+            connectors.display().to_string(),
+        );
+        std::fs::write(dir.join("settings.toml"), settings).expect("write settings.toml");
+        std::fs::write(connectors.join(format!("{broker}.toml")), connector)
+            .expect("write the connector file");
+        Setup {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.dir.join("state").join("t360-connector.db")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("connector.log")
+    }
+
+    /// The last lines of the connector's log, for a failure message.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+/// What one child run cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChildStats {
+    pub wall: Duration,
+    /// user + sys of the child alone.
+    pub cpu: Duration,
+    /// The child's own peak RSS (VmHWM), KiB.
+    pub max_rss_kib: u64,
+    /// user + sys of this process (the broker and mocks) during the run.
+    pub self_cpu: Duration,
+}
+
+/// The child's `VmHWM` (peak RSS of its own address space, KiB), while it lives.
+fn vm_hwm_kib(pid: libc::pid_t) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn tv(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
+pub fn self_cpu() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Runs `t360-connector -c settings.toml ARGS…` to its end; fails on a non-zero exit.
+pub async fn connector(
+    setup: &Setup,
+    args: &[String],
+    env: &[(String, String)],
+) -> anyhow::Result<ChildStats> {
+    let log = std::fs::File::create(setup.log())?;
+    let mut command = Command::new(BINARY);
+    command
+        .arg("-c")
+        .arg(setup.dir.join("settings.toml"))
+        .args(args)
+        .current_dir(&setup.dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env_remove("RUST_LOG")
+        .env_remove("T360_CONFIG");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let cpu_before = self_cpu();
+    let started = Instant::now();
+    let child = command.spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let (status, usage, peak) = tokio::task::spawn_blocking(move || {
+        // Peak RSS is the child's own VmHWM, read until it exits: `ru_maxrss` would charge the
+        // child with this process's high-water mark, which Linux carries across `exec`.
+        // VmHWM only grows; the last reading before the exit is the peak, give or take the
+        // last few milliseconds. The child is not reaped until wait4, so the pid stays its.
+        let mut peak = 0;
+        loop {
+            // SAFETY: WNOWAIT leaves the child to be reaped by wait4; `info` is ours.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let exited = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                ) == 0
+                    && info.si_pid() != 0
+            };
+            if exited {
+                break;
+            }
+            if let Some(kib) = vm_hwm_kib(pid) {
+                peak = peak.max(kib);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut status = 0;
+        // SAFETY: wait4 reaps our own child and fills the zeroed rusage we own; the CPU
+        // times in it are the child's alone.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        (if reaped == pid { status } else { -1 }, usage, peak)
+    })
+    .await?;
+    let wall = started.elapsed();
+    drop(child);
+    let exited_ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    anyhow::ensure!(
+        exited_ok,
+        "t360-connector {} failed (wait status {status}); its log ends:\n{}",
+        args.join(" "),
+        setup.log_tail()
+    );
+    Ok(ChildStats {
+        wall,
+        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+        max_rss_kib: peak,
+        self_cpu: self_cpu().saturating_sub(cpu_before),
+    })
+}
