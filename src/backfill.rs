@@ -4,7 +4,7 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 use jiff::Timestamp;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::engine::{EngineError, Lane, RunSummary, Runner};
 use crate::model::Entity;
@@ -56,17 +56,27 @@ pub async fn backfill(
 
     let mut total = RunSummary::default();
     let mut from = lane.done_until;
-    while from < lane.until {
-        let to = (from + slice).min(lane.until);
-        let done = runner
-            .run(entity, Window { from, to }, Lane::Backfill { since })
-            .await?;
-        total.pages += done.pages;
-        total.pulled += done.pulled;
-        total.stats += done.stats;
-        bar.inc(1);
-        from = to;
+    let pulled = async {
+        while from < lane.until {
+            let to = (from + slice).min(lane.until);
+            let done = runner
+                .run(entity, Window { from, to }, Lane::Backfill { since })
+                .await?;
+            total.pages += done.pages;
+            total.pulled += done.pulled;
+            total.stats += done.stats;
+            bar.inc(1);
+            from = to;
+        }
+        Ok(())
     }
+    .await;
+    // The lane's records were committed to the staging table: merge them into the entity
+    // tables, whether the lane finished or stopped. (This blocks the thread for the merge; a
+    // backfill command has nothing else to do meanwhile.)
+    let merged = runner.store.merge_staged().map_err(store_error);
+    pulled?;
+    debug!(broker = %plan.broker, %entity, merged = merged?, "Backfill merged into the store.");
     Ok(total)
 }
 

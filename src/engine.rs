@@ -231,6 +231,7 @@ impl Runner<'_> {
         while let Some(page) = current {
             let pulled = page.records.len();
             let mut batch = self.batch(entity, page, &self.plan.mapping);
+            batch.stage_records = !live;
             let (delivered, next) = tokio::join!(self.sink.deliver(&mut batch), pager.next_page());
             // Undelivered: nothing of this page is committed and the cursor stays.
             delivered.map_err(|source| EngineError::Sink {
@@ -340,6 +341,7 @@ impl Runner<'_> {
             records,
             rejects,
             progress: Progress::None,
+            stage_records: false,
             keep_records: true,
             hold_orphans: true,
         }
@@ -395,13 +397,24 @@ impl Runner<'_> {
 /// One broker record through the pipeline's pure part: field mapping, validation and the
 /// personal-data policy. A reject carries every reason and the record as it may be kept.
 pub fn check(entity: Entity, mut original: Value, mapping: &Mapping) -> Result<Valid, Reject> {
-    let (normalised, mapping_reasons) = mapping.apply(entity, &original);
-    match validate::validate(entity, &normalised) {
+    let (result, mapping_reasons, key) = if original.is_object() {
+        let (fields, mapping_reasons) = mapping.fields(entity, &original);
+        let result = validate::validate_fields(entity, &fields);
+        let failed = result.is_err() || !mapping_reasons.is_empty();
+        // The key is made only for a reject: it needs the record as a JSON value.
+        let key = failed.then(|| quarantine_key(entity, &fields.to_value()));
+        (result, mapping_reasons, key)
+    } else {
+        let result = validate::validate(entity, &original);
+        let key = Some(quarantine_key(entity, &original));
+        (result, Vec::new(), key)
+    };
+    match result {
         Ok(mut record) if mapping_reasons.is_empty() => {
             if let Record::Customer(customer) = &mut record {
                 mapping.pii.apply(customer);
             }
-            Ok(Valid { record, normalised })
+            Ok(Valid { record })
         }
         result => {
             // A field that failed to convert also fails validation; its mapping reason
@@ -421,7 +434,7 @@ pub fn check(entity: Entity, mut original: Value, mapping: &Mapping) -> Result<V
             );
             mapping.redact_raw(entity, &mut original);
             Err(Reject {
-                key: quarantine_key(entity, &normalised),
+                key: key.unwrap_or_default(),
                 raw: original.to_string(),
                 reasons,
                 stage: Stage::Validation,

@@ -9,9 +9,10 @@ use std::str::FromStr;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use rust_decimal::Decimal;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::model::{Customer, Entity, Record, TradingActivity, Transaction, TransactionType};
+use crate::normalise::Fields;
 
 /// Longest string the guide accepts, in characters.
 const MAX_STRING_CHARS: usize = 500;
@@ -28,8 +29,20 @@ pub fn validate(entity: Entity, record: &Value) -> Result<Record, Vec<String>> {
             kind_of(record)
         )]);
     };
+    validate_with(entity, &|field| object.get(field))
+}
+
+/// As `validate`, on the fields a mapping made (borrowed from the source record).
+pub fn validate_fields(entity: Entity, fields: &Fields) -> Result<Record, Vec<String>> {
+    validate_with(entity, &|field| fields.get(field))
+}
+
+fn validate_with<'a>(
+    entity: Entity,
+    get: &'a dyn Fn(&str) -> Option<&'a Value>,
+) -> Result<Record, Vec<String>> {
     let mut r = FieldReader {
-        object,
+        get,
         reasons: Vec::new(),
     };
     let parsed = match entity {
@@ -163,7 +176,8 @@ enum Sign {
 /// Each reader returns `None` when the field failed (a reason was noted); optional readers
 /// return `Some(None)` for a field that is absent, so "absent" and "broken" stay apart.
 struct FieldReader<'a> {
-    object: &'a Map<String, Value>,
+    /// The record's value of a Track360 field.
+    get: &'a dyn Fn(&str) -> Option<&'a Value>,
     reasons: Vec<String>,
 }
 
@@ -175,7 +189,7 @@ impl FieldReader<'_> {
 
     /// The field's text: absent (and null, and, for optional fields, "") is `Some(None)`.
     fn text(&mut self, field: &str, required: Required) -> Option<Option<String>> {
-        let text = match self.object.get(field) {
+        let text = match (self.get)(field) {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
             // Integer ids are common in brokers' APIs; their text is the id.
@@ -265,7 +279,7 @@ impl FieldReader<'_> {
     }
 
     fn decimal(&mut self, field: &str, required: Required, sign: Sign) -> Option<Option<Decimal>> {
-        let text = match self.object.get(field) {
+        let text = match (self.get)(field) {
             None | Some(Value::Null) if required == Required::Yes => {
                 return self.fail(field, "is required but missing");
             }
@@ -316,8 +330,19 @@ pub fn parse_decimal(text: &str) -> Option<Decimal> {
 
 /// Digits from the first non-zero digit to the last non-zero digit.
 fn significant_digits(value: Decimal) -> usize {
-    let mantissa = value.mantissa().unsigned_abs().to_string();
-    mantissa.trim_start_matches('0').trim_end_matches('0').len()
+    let mut mantissa = value.mantissa().unsigned_abs();
+    if mantissa == 0 {
+        return 0;
+    }
+    while mantissa.is_multiple_of(10) {
+        mantissa /= 10;
+    }
+    let mut digits = 0;
+    while mantissa > 0 {
+        mantissa /= 10;
+        digits += 1;
+    }
+    digits
 }
 
 fn is_integer_text(text: &str) -> bool {
@@ -377,15 +402,40 @@ fn is_email(text: &str) -> bool {
 }
 
 fn is_currency(code: &str) -> bool {
-    code.len() == 3 && ISO_4217.split(' ').any(|c| c == code)
+    in_code_list(ISO_4217, code)
 }
 
 fn is_country(code: &str) -> bool {
-    code.len() == 2 && ISO_3166_ALPHA2.split(' ').any(|c| c == code)
+    in_code_list(ISO_3166_ALPHA2, code)
 }
 
 fn is_language(code: &str) -> bool {
-    code.len() == 2 && ISO_639_1.split(' ').any(|c| c == code)
+    in_code_list(ISO_639_1, code)
+}
+
+/// Whether `code` is one of `list`'s codes: sorted, all of `code`'s length, one space apart.
+/// A binary search: every record checks two or three codes.
+fn in_code_list(list: &str, code: &str) -> bool {
+    let width = code.len();
+    let Some(first) = list.split(' ').next() else {
+        return false;
+    };
+    if width != first.len() {
+        return false;
+    }
+    let stride = width + 1;
+    let count = list.len().div_ceil(stride);
+    let entry = |i: usize| &list.as_bytes()[i * stride..i * stride + width];
+    let (mut low, mut high) = (0, count);
+    while low < high {
+        let middle = (low + high) / 2;
+        match entry(middle).cmp(code.as_bytes()) {
+            std::cmp::Ordering::Less => low = middle + 1,
+            std::cmp::Ordering::Greater => high = middle,
+            std::cmp::Ordering::Equal => return true,
+        }
+    }
+    false
 }
 
 /// Active ISO 4217 codes, with the precious metals (XAU, XAG, XPT, XPD) that forex brokers
@@ -419,6 +469,25 @@ su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_lists_are_sorted_and_fixed_width_for_the_binary_search() {
+        for (list, width) in [(ISO_4217, 3), (ISO_3166_ALPHA2, 2), (ISO_639_1, 2)] {
+            let codes: Vec<&str> = list.split(' ').collect();
+            assert!(codes.iter().all(|c| c.len() == width), "{codes:?}");
+            assert!(codes.windows(2).all(|w| w[0] < w[1]), "not sorted: {list}");
+            for code in &codes {
+                assert!(in_code_list(list, code), "{code}");
+            }
+            for absent in ["", "A", "ZZZZ", "AAA", "zz", "ZZ", "XTS", "XXX"] {
+                assert_eq!(
+                    in_code_list(list, absent),
+                    codes.contains(&absent),
+                    "{absent}"
+                );
+            }
+        }
+    }
     use serde_json::json;
 
     fn reasons(entity: Entity, record: Value) -> Vec<String> {

@@ -518,10 +518,17 @@ async fn a_long_window_keeps_the_slices_it_finished_when_it_fails() {
     env.assert_cursor_covers_store(BROKER, Entity::Customers);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_older_version_never_replaces_a_newer_one_stored_or_held() {
+#[test]
+fn an_older_version_never_replaces_a_newer_one_stored_or_held() {
     // A backfill page fetched before a record changed commits after the sync that stored the
-    // change: the newer state stays, for stored and for held records alike.
+    // change: the newer state stays, for stored and for held records alike — whether the page
+    // was upserted at once (a sync's) or staged and merged later (a backfill's).
+    for staged in [false, true] {
+        older_versions_lose(staged);
+    }
+}
+
+fn older_versions_lose(staged: bool) {
     use t360_connector::sink::{PageBatch, Progress, Valid};
     use t360_connector::state::Store;
     use t360_connector::validate::validate;
@@ -530,7 +537,6 @@ async fn an_older_version_never_replaces_a_newer_one_stored_or_held() {
     let store = Store::open(&dir.path().join("t.db")).unwrap();
     let version = |entity: Entity, record: serde_json::Value| Valid {
         record: validate(entity, &record).unwrap(),
-        normalised: record,
     };
     let deposit = |status: &str, at: &str| {
         json!({"transaction_id": "T1", "customer_id": "LATER", "transaction_type": "deposit",
@@ -538,17 +544,20 @@ async fn an_older_version_never_replaces_a_newer_one_stored_or_held() {
                "status": status, "last_modified_date": at})
     };
     let commit = |records: Vec<Valid>| {
-        store
+        let stats = store
             .commit_page(&PageBatch {
                 broker: "b".into(),
                 entity: records[0].record.entity(),
                 records,
                 rejects: vec![],
                 progress: Progress::None,
+                stage_records: staged,
                 keep_records: true,
                 hold_orphans: true,
             })
-            .unwrap()
+            .unwrap();
+        store.merge_staged().unwrap();
+        stats
     };
     // Held (its customer is unknown): newer, then older.
     commit(vec![version(
@@ -563,11 +572,21 @@ async fn an_older_version_never_replaces_a_newer_one_stored_or_held() {
                           "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"});
     let released = commit(vec![version(Entity::Customers, customer)]);
     assert_eq!(released.released[Entity::Transactions as usize], 1);
-    // Stored: older again.
+    // Stored: older again, and within one page, newer then older.
     commit(vec![version(
         Entity::Transactions,
         deposit("pending", "2026-01-01T06:00:00Z"),
     )]);
+    commit(vec![
+        version(
+            Entity::Transactions,
+            deposit("approved", "2026-01-02T00:00:00Z"),
+        ),
+        version(
+            Entity::Transactions,
+            deposit("rejected", "2026-01-01T18:00:00Z"),
+        ),
+    ]);
 
     let conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
     let status: String = conn
@@ -579,6 +598,53 @@ async fn an_older_version_never_replaces_a_newer_one_stored_or_held() {
         .unwrap();
     assert_eq!(
         status, "approved",
-        "an older version replaced the newer one"
+        "an older version replaced the newer one (staged: {staged})"
     );
+    let staged_left: i64 = conn
+        .query_row("SELECT count(*) FROM staged_transactions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(staged_left, 0, "merged rows leave the staging table");
+}
+
+#[test]
+fn records_held_for_a_staged_customer_are_stored_when_it_is_merged() {
+    // A sync's transaction arrives while its customer sits in a backfill's staging table: it
+    // is held, and the merge that stores the customer releases it.
+    use t360_connector::sink::{PageBatch, Progress, Valid};
+    use t360_connector::state::Store;
+    use t360_connector::validate::validate;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("t.db")).unwrap();
+    let batch = |entity: Entity, record: serde_json::Value, staged: bool| PageBatch {
+        broker: "b".into(),
+        entity,
+        records: vec![Valid {
+            record: validate(entity, &record).unwrap(),
+        }],
+        rejects: vec![],
+        progress: Progress::None,
+        stage_records: staged,
+        keep_records: true,
+        hold_orphans: true,
+    };
+    let customer = json!({"customer_id": "C1", "signup_date": "2026-01-01T00:00:00Z",
+                          "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"});
+    let deposit = json!({"transaction_id": "T1", "customer_id": "C1", "transaction_type": "deposit",
+                         "amount": "10.00", "currency": "USD",
+                         "transaction_date": "2026-01-01T00:00:00Z", "status": "approved",
+                         "last_modified_date": "2026-01-01T00:00:00Z"});
+    store
+        .commit_page(&batch(Entity::Customers, customer, true))
+        .unwrap();
+    let stats = store
+        .commit_page(&batch(Entity::Transactions, deposit, false))
+        .unwrap();
+    assert_eq!(stats.held, 1, "the customer is not stored yet");
+    assert_eq!(store.merge_staged().unwrap(), 1);
+    let conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+    let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+    assert_eq!(count("SELECT count(*) FROM customers"), 1);
+    assert_eq!(count("SELECT count(*) FROM transactions"), 1, "released");
+    assert_eq!(count("SELECT count(*) FROM held"), 0);
 }

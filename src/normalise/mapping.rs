@@ -1,11 +1,12 @@
 //! Declarative field mapping: per entity, each Track360 field from a path of the source record
 //! or a constant, through at most one converter.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use jiff::tz::TimeZone;
 use rust_decimal::Decimal;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::pii::PiiPolicy;
 use super::time::parse_instant_as;
@@ -22,6 +23,9 @@ pub struct FieldRule {
     /// Used when the path is absent or null.
     pub default: Option<Value>,
     pub convert: Convert,
+    /// A path's JSON-pointer segments, unescaped once at load (`Value::pointer` would unescape
+    /// into new strings for every record).
+    segments: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +45,30 @@ pub enum Convert {
     Scale(Decimal),
     /// A code looked up in this map.
     Map(BTreeMap<String, String>),
+}
+
+/// One record in Track360 shape: field name → value, borrowed from the source record where
+/// no conversion was needed. At most one entry a field, in the entity's field order.
+#[derive(Debug, Default)]
+pub struct Fields<'a>(Vec<(&'static str, Cow<'a, Value>)>);
+
+impl Fields<'_> {
+    pub fn get(&self, field: &str) -> Option<&Value> {
+        self.0
+            .iter()
+            .find(|(name, _)| *name == field)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// As a JSON object (what quarantine keys and `apply` are made from).
+    pub fn to_value(&self) -> Value {
+        Value::Object(
+            self.0
+                .iter()
+                .map(|(name, v)| ((*name).to_owned(), v.as_ref().clone()))
+                .collect(),
+        )
+    }
 }
 
 /// A connector's compiled mapping for every entity.
@@ -129,20 +157,25 @@ impl Mapping {
         if !raw.is_object() {
             return (raw.clone(), Vec::new());
         }
-        let mut out = Map::new();
+        let (fields, reasons) = self.fields(entity, raw);
+        (fields.to_value(), reasons)
+    }
+
+    /// As `apply`, as a view that borrows what it does not convert from `raw` (an object):
+    /// the per-record path, without a copy of every field.
+    pub fn fields<'a>(&'a self, entity: Entity, raw: &'a Value) -> (Fields<'a>, Vec<String>) {
+        let mut out = Fields::default();
         let mut reasons = Vec::new();
         for rule in &self.rules[entity as usize] {
             let found = match &rule.source {
-                FieldSource::Path(pointer) => raw.pointer(pointer).filter(|v| !v.is_null()),
+                FieldSource::Path(_) => walk(raw, &rule.segments).filter(|v| !v.is_null()),
                 FieldSource::Const(value) => Some(value),
             };
             let Some(value) = found.or(rule.default.as_ref()) else {
                 continue;
             };
             match self.convert(rule, value) {
-                Ok(converted) => {
-                    out.insert(rule.field.to_owned(), converted);
-                }
+                Ok(converted) => out.0.push((rule.field, converted)),
                 Err(why) => {
                     let from = match &rule.source {
                         FieldSource::Path(p) => format!(" (from {p})"),
@@ -155,11 +188,11 @@ impl Mapping {
                     };
                     let what = format!("{shown}{from} {why}");
                     reasons.push(format!("{}: {}", rule.field, what.trim_start()));
-                    out.insert(rule.field.to_owned(), value.clone());
+                    out.0.push((rule.field, Cow::Owned(value.clone())));
                 }
             }
         }
-        (Value::Object(out), reasons)
+        (out, reasons)
     }
 
     /// Applies the PII policy to a raw record at the paths the PII fields come from, so that
@@ -190,17 +223,23 @@ impl Mapping {
         }
     }
 
-    fn convert(&self, rule: &FieldRule, value: &Value) -> Result<Value, String> {
+    fn convert<'a>(&self, rule: &FieldRule, value: &'a Value) -> Result<Cow<'a, Value>, String> {
+        self.convert_owned(rule, value)
+            .map(|owned| owned.map_or(Cow::Borrowed(value), Cow::Owned))
+    }
+
+    /// The converted value, or `None` when it is the value as it is.
+    fn convert_owned(&self, rule: &FieldRule, value: &Value) -> Result<Option<Value>, String> {
         match &rule.convert {
-            Convert::Plain => Ok(value.clone()),
+            Convert::Plain => Ok(None),
             Convert::Time(format) => {
                 let ts = parse_instant_as(value, format, &self.zone)?;
                 if rule.field == "date" {
-                    Ok(Value::String(
+                    Ok(Some(Value::String(
                         ts.to_zoned(self.zone.clone()).date().to_string(),
-                    ))
+                    )))
                 } else {
-                    Ok(Value::String(ts.to_string()))
+                    Ok(Some(Value::String(ts.to_string())))
                 }
             }
             Convert::Scale(factor) => {
@@ -211,7 +250,7 @@ impl Mapping {
                 };
                 let number = parse_decimal(&text).ok_or("is not a decimal number")?;
                 let scaled = number.checked_mul(*factor).ok_or("overflows when scaled")?;
-                Ok(Value::String(scaled.normalize().to_string()))
+                Ok(Some(Value::String(scaled.normalize().to_string())))
             }
             Convert::Map(map) => {
                 let code = match value {
@@ -220,7 +259,7 @@ impl Mapping {
                     _ => return Err("is not a code".into()),
                 };
                 map.get(&code)
-                    .map(|v| Value::String(v.clone()))
+                    .map(|v| Some(Value::String(v.clone())))
                     .ok_or_else(|| "is not in the connector's enum map".to_owned())
             }
         }
@@ -233,12 +272,38 @@ fn identity(entity: Entity, field: &'static str) -> FieldRule {
     } else {
         Convert::Plain
     };
+    let source = FieldSource::Path(format!("/{field}"));
     FieldRule {
         field,
-        source: FieldSource::Path(format!("/{field}")),
+        segments: segments(&source),
+        source,
         default: None,
         convert,
     }
+}
+
+fn segments(source: &FieldSource) -> Vec<String> {
+    match source {
+        FieldSource::Path(pointer) => pointer
+            .split('/')
+            .skip(1)
+            .map(|s| s.replace("~1", "/").replace("~0", "~"))
+            .collect(),
+        FieldSource::Const(_) => Vec::new(),
+    }
+}
+
+/// `Value::pointer` over pre-split segments: object keys, and array indexes without a sign
+/// or leading zeros.
+fn walk<'a>(value: &'a Value, segments: &[String]) -> Option<&'a Value> {
+    segments.iter().try_fold(value, |at, segment| match at {
+        Value::Object(map) => map.get(segment),
+        Value::Array(items) => {
+            let plain = !segment.starts_with('+') && (segment == "0" || !segment.starts_with('0'));
+            items.get(segment.parse::<usize>().ok().filter(|_| plain)?)
+        }
+        _ => None,
+    })
 }
 
 fn compile_rule(entity: Entity, field: &'static str, raw: &RawField) -> Result<FieldRule, String> {
@@ -284,6 +349,7 @@ fn compile_rule(entity: Entity, field: &'static str, raw: &RawField) -> Result<F
     };
     Ok(FieldRule {
         field,
+        segments: segments(&source),
         source,
         default,
         convert,
@@ -345,6 +411,29 @@ mod tests {
                    "amount": "100.50", "currency": "EUR", "transaction_date": "2026-01-01T00:00:00Z",
                    "status": "approved", "last_modified_date": "2026-01-01T00:00:05Z"})
         );
+    }
+
+    #[test]
+    fn paths_are_walked_as_json_pointers_are() {
+        let raw = json!({"a": {"b/c": [10, {"~d": 2}]}, "": 1, "0": {"01": 3}});
+        for pointer in [
+            "/a/b~1c/0",
+            "/a/b~1c/1/~0d",
+            "/a/b~1c/01",
+            "/a/b~1c/+1",
+            "/a/b~1c/2",
+            "/",
+            "/0/01",
+            "/a/x",
+            "/a/b~1c/0/z",
+        ] {
+            let source = FieldSource::Path(pointer.to_owned());
+            assert_eq!(
+                walk(&raw, &segments(&source)),
+                raw.pointer(pointer),
+                "{pointer}"
+            );
+        }
     }
 
     #[test]

@@ -12,6 +12,6 @@ pub mod mapping;
 pub mod pii;
 mod time;
 
-pub use mapping::{Convert, FieldRule, FieldSource, Mapping};
+pub use mapping::{Convert, FieldRule, FieldSource, Fields, Mapping};
 pub use pii::{PiiAction, PiiPolicy};
 pub use time::{format_instant, parse_instant_as};

@@ -13,7 +13,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use serde_json::Value;
 
 use crate::config::ConnectorPlan;
 use crate::config::plan::{SinkKind, SinkPlan};
@@ -35,16 +34,18 @@ pub struct PageBatch {
     /// Whether the valid records are written to the embedded store (a `track360`-only sink
     /// keeps only quarantine and checkpoints locally).
     pub keep_records: bool,
+    /// Whether records go to the staging table, to be merged in key order later (a
+    /// backfill's), instead of straight into the keyed table.
+    pub stage_records: bool,
     /// Whether records whose customer is not stored yet are held (only where the embedded
     /// store is the destination: the ingestion API judges references itself).
     pub hold_orphans: bool,
 }
 
-/// A record that passed validation, with its Track360-shaped JSON (kept for held orphans).
+/// A record that passed validation.
 #[derive(Debug)]
 pub struct Valid {
     pub record: Record,
-    pub normalised: Value,
 }
 
 /// A record that failed validation: quarantined with every reason.

@@ -8,6 +8,7 @@
 
 pub(crate) mod schema;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -109,6 +110,9 @@ impl Store {
                 )));
             }
             conn.pragma_update(None, "synchronous", "NORMAL")?;
+            // Lookups of parents and the upserts of live syncs land on random pages of the
+            // keyed tables: a larger cache saves a read system call for each of them.
+            conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
             schema::migrate(&mut conn)?;
             Ok(conn)
         };
@@ -116,10 +120,12 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
-        Ok(Store {
+        let store = Store {
             conn: Mutex::new(conn),
             path: path.to_owned(),
-        })
+        };
+        store.merge_staged()?;
+        Ok(store)
     }
 
     pub fn path(&self) -> &Path {
@@ -147,35 +153,82 @@ impl Store {
                 quarantine(&tx, batch, reject, &now)?;
                 stats.quarantined += 1;
             }
+            // Quarantine and held rows are rare: when there are none, the per-record deletes
+            // and lookups that would find nothing are skipped (three B-tree probes a record).
+            let (broker, entity) = (batch.broker.as_str(), batch.entity.as_str());
+            let any_quarantined = any_row(&tx, ANY_QUARANTINED, params![broker, entity])?;
+            let mut any_held = any_row(&tx, ANY_HELD, params![broker, entity])?;
+            let any_held_for_customers = batch.entity == Entity::Customers
+                && any_row(&tx, ANY_HELD_OF_BROKER, params![broker])?;
+            let mut known: HashMap<&str, bool> = HashMap::new();
             for valid in &batch.records {
-                let key = valid.record.key();
-                stats.unquarantined += unquarantine(&tx, &batch.broker, batch.entity, &key)?;
+                if any_quarantined {
+                    let key = valid.record.key();
+                    stats.unquarantined += unquarantine(&tx, &batch.broker, batch.entity, &key)?;
+                }
                 if !batch.keep_records {
                     // Delivered elsewhere (the ingestion API acknowledged it).
                     stats.stored += 1;
                     continue;
                 }
                 let orphan = match valid.record.parent_customer() {
-                    Some(customer) if batch.hold_orphans => {
-                        !sqlite::customer_exists(&tx, &batch.broker, customer)?
-                    }
+                    Some(customer) if batch.hold_orphans => match known.get(customer) {
+                        Some(exists) => !exists,
+                        None => {
+                            // A page's customers only change in a customers batch, which
+                            // has no parents: one lookup per customer and page holds.
+                            let exists = sqlite::customer_exists(&tx, &batch.broker, customer)?;
+                            known.insert(customer, exists);
+                            !exists
+                        }
+                    },
                     _ => false,
                 };
                 if orphan {
-                    hold(&tx, &batch.broker, &valid.record, &valid.normalised, &now)?;
+                    hold(&tx, &batch.broker, &valid.record, &now)?;
+                    any_held = true;
                     stats.held += 1;
                     continue;
                 }
-                sqlite::upsert(&tx, &batch.broker, &valid.record)?;
-                unhold(&tx, &batch.broker, batch.entity, &key)?;
+                if batch.stage_records {
+                    sqlite::stage(&tx, &batch.broker, &valid.record)?;
+                } else {
+                    sqlite::upsert(&tx, &batch.broker, &valid.record)?;
+                }
+                if any_held {
+                    unhold(&tx, &batch.broker, batch.entity, &valid.record.key())?;
+                }
                 stats.stored += 1;
-                if let Record::Customer(c) = &valid.record {
+                if let (Record::Customer(c), true) = (&valid.record, any_held_for_customers) {
                     release_held(&tx, &batch.broker, &c.customer_id, &mut stats.released)?;
                 }
             }
             save_progress(&tx, batch, &now)?;
+            // A long backfill merges as it goes, so that the staging table (and the sort a
+            // merge needs) stays bounded.
+            if batch.stage_records && sqlite::staged(&tx, batch.entity)? >= MERGE_AT {
+                merge_entity(&tx, batch.entity)?;
+            }
             tx.commit()?;
             Ok(stats)
+        })
+    }
+
+    /// Merges every staged record into the entity tables (`sink::sqlite::merge`), one
+    /// transaction per entity, and stores the held records whose customer was among them.
+    /// Idempotent; called at the end of a backfill and when the store is opened (a backfill
+    /// that was stopped or killed leaves its committed records staged).
+    pub fn merge_staged(&self) -> Result<usize, StoreError> {
+        self.with(|conn| {
+            let mut merged = 0;
+            for entity in Entity::ALL {
+                let tx = conn.transaction()?;
+                if sqlite::staged(&tx, entity)? > 0 {
+                    merged += merge_entity(&tx, entity)?;
+                }
+                tx.commit()?;
+            }
+            Ok(merged)
         })
     }
 
@@ -579,6 +632,46 @@ impl QuarantineFilter {
     }
 }
 
+/// SQLite's page cache, KiB.
+const CACHE_KIB: i64 = 16 * 1024;
+
+/// Staged rows (of one entity) that make a backfill merge before its end.
+const MERGE_AT: u64 = 1_000_000;
+
+fn merge_entity(tx: &Transaction, entity: Entity) -> rusqlite::Result<usize> {
+    let merged = sqlite::merge(tx, entity)?;
+    if entity == Entity::Customers && merged > 0 {
+        release_all_held(tx)?;
+    }
+    Ok(merged)
+}
+
+/// Stores every held record whose customer is now stored (after customers were merged).
+fn release_all_held(tx: &Transaction) -> rusqlite::Result<()> {
+    let customers: Vec<(String, String)> = tx
+        .prepare_cached(
+            "SELECT DISTINCT broker, customer_id FROM held h WHERE EXISTS
+                 (SELECT 1 FROM customers c
+                  WHERE c.broker = h.broker AND c.customer_id = h.customer_id)",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut released = [0; 3];
+    for (broker, customer) in customers {
+        release_held(tx, &broker, &customer, &mut released)?;
+    }
+    Ok(())
+}
+
+const ANY_QUARANTINED: &str =
+    "SELECT EXISTS (SELECT 1 FROM quarantine WHERE broker = ?1 AND entity = ?2)";
+const ANY_HELD: &str = "SELECT EXISTS (SELECT 1 FROM held WHERE broker = ?1 AND entity = ?2)";
+const ANY_HELD_OF_BROKER: &str = "SELECT EXISTS (SELECT 1 FROM held WHERE broker = ?1)";
+
+fn any_row(tx: &Transaction, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<bool> {
+    tx.prepare_cached(sql)?.query_row(params, |r| r.get(0))
+}
+
 fn quarantine(
     tx: &Transaction,
     batch: &PageBatch,
@@ -620,13 +713,7 @@ fn unquarantine(
     Ok(n as u64)
 }
 
-fn hold(
-    tx: &Transaction,
-    broker: &str,
-    record: &Record,
-    normalised: &serde_json::Value,
-    now: &str,
-) -> rusqlite::Result<()> {
+fn hold(tx: &Transaction, broker: &str, record: &Record, now: &str) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO held (broker, entity, record_key, customer_id, record, first_seen, last_seen)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
@@ -645,7 +732,7 @@ fn hold(
         record.entity().as_str(),
         record.key(),
         record.parent_customer().unwrap_or_default(),
-        normalised.to_string(),
+        record.to_json().to_string(),
         now
     ])?;
     Ok(())

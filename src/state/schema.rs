@@ -138,6 +138,17 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX reconciliations_by_entity ON reconciliations (broker, entity, id);
     "#,
+    // v4: staging tables for backfills (`sink::sqlite::stage`): the entity tables' columns in
+    // a rowid table without keys, so that appends are cheap and a merge sorts them by key.
+    r#"
+    CREATE TABLE staged_customers AS SELECT * FROM customers WHERE false;
+    CREATE TABLE staged_transactions AS SELECT * FROM transactions WHERE false;
+    CREATE TABLE staged_trading_activity AS SELECT * FROM trading_activity WHERE false;
+    -- Every transaction and activity row asks whether its customer is stored: this narrow
+    -- copy of the key answers from a few cached pages, where the table itself (whole rows)
+    -- would be read from disk at random.
+    CREATE INDEX customers_by_key ON customers (broker, customer_id);
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each step runs in its own transaction together

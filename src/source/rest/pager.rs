@@ -147,9 +147,18 @@ impl<'a> RestPager<'a> {
     fn advance(&mut self, url: &Url, fetched: Fetched) -> Result<Vec<Value>, SourceError> {
         let paging = &self.plan.paging;
         let shown = || self.http.shown(url);
-        let body = fetched.body;
-        let records = match body.pointer(&paging.records) {
-            Some(Value::Array(records)) => records.clone(),
+        let mut body = fetched.body;
+        let read = |pointer: &Option<String>| pointer.as_deref().and_then(|p| body.pointer(p));
+        let total = read(&paging.total).and_then(as_count);
+        let has_more = read(&paging.has_more).and_then(Value::as_bool);
+        let page_size = read(&paging.page_size).and_then(as_count);
+        let next_cursor = read(&paging.next_cursor)
+            .and_then(Value::as_str)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned);
+        // Taken out of the body, not copied: the rest of the body is read above.
+        let records = match body.pointer_mut(&paging.records).map(Value::take) {
+            Some(Value::Array(records)) => records,
             // A null or missing record array on the last page means "nothing more" (dlt #2932).
             Some(Value::Null) | None => Vec::new(),
             Some(_) => {
@@ -159,14 +168,6 @@ impl<'a> RestPager<'a> {
                 });
             }
         };
-        let read = |pointer: &Option<String>| pointer.as_deref().and_then(|p| body.pointer(p));
-        let total = read(&paging.total).and_then(as_count);
-        let has_more = read(&paging.has_more).and_then(Value::as_bool);
-        let page_size = read(&paging.page_size).and_then(as_count);
-        let next_cursor = read(&paging.next_cursor)
-            .and_then(Value::as_str)
-            .filter(|c| !c.is_empty())
-            .map(str::to_owned);
 
         if self.style == PagingStyle::Auto {
             self.style = if fetched.link_next.is_some() {
