@@ -13,7 +13,8 @@
 //! delivery to the mock Track360 ingestion API at its rate limit.
 //!
 //! Flags: `--sizes 100k,1m` `--parts abcdef` `--rate 300` `--rate-requests 300`
-//! `--sink-rate 300` `--sink-batch 1000` `--sink-requests 150`.
+//! `--sink-rate 300` `--sink-batch 1000` `--sink-requests 150` `--quiet-wait 60` (seconds to wait
+//! before each measurement for other processes to use under 10 % of the machine; 0: don't).
 
 #[path = "pipeline/broker.rs"]
 mod broker;
@@ -60,6 +61,7 @@ struct Opts {
     sink_rate: u64,
     sink_batch: u64,
     sink_requests: u64,
+    quiet_wait: Duration,
 }
 
 fn parse_count(text: &str) -> anyhow::Result<u64> {
@@ -86,6 +88,7 @@ fn opts() -> anyhow::Result<Opts> {
         sink_rate: 300,
         sink_batch: 1000,
         sink_requests: 150,
+        quiet_wait: Duration::from_secs(60),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -117,11 +120,12 @@ fn opts() -> anyhow::Result<Opts> {
             "--sink-rate" => o.sink_rate = parse_count(&value()?)?,
             "--sink-batch" => o.sink_batch = parse_count(&value()?)?,
             "--sink-requests" => o.sink_requests = parse_count(&value()?)?,
+            "--quiet-wait" => o.quiet_wait = Duration::from_secs(parse_count(&value()?)?),
             "-h" | "--help" => {
                 println!(
                     "cargo bench --bench pipeline -- [--sizes 100k,1m,10m] [--parts abcdef] \
                      [--rate 300] [--rate-requests N] [--sink-rate 300] [--sink-batch 1000] \
-                     [--sink-requests 150]"
+                     [--sink-requests 150] [--quiet-wait 60]"
                 );
                 std::process::exit(0);
             }
@@ -170,6 +174,10 @@ struct Measure {
     rss_kib: Option<u64>,
     /// This process (the broker) during a child's run.
     broker_cpu: Option<Duration>,
+    /// Every other process's CPU, as a share of the machine (PostgreSQL's own in (d)).
+    others: f64,
+    /// records/s over those of (a) and (b).
+    ratios: Vec<(&'static str, f64)>,
     extra: serde_json::Map<String, Value>,
 }
 
@@ -178,7 +186,7 @@ impl Measure {
         per_sec(self.records, self.wall)
     }
 
-    fn json(&self, size: u64, ratios: &[(&str, f64)]) -> Value {
+    fn json(&self, size: u64) -> Value {
         let us = |d: Option<Duration>| {
             d.map(|d| round(d.as_secs_f64() * 1e6 / self.records.max(1) as f64, 2))
         };
@@ -195,9 +203,10 @@ impl Measure {
             "cpu_us_per_record": us(self.cpu),
             "peak_rss_mib": self.rss_kib.map(|k| round(k as f64 / 1024.0, 1)),
             "broker_cpu_us_per_record": us(self.broker_cpu),
+            "other_cpu_pct": round(self.others * 100.0, 1),
         });
         let o = v.as_object_mut().expect("an object");
-        for (name, ratio) in ratios {
+        for (name, ratio) in &self.ratios {
             o.insert((*name).into(), json!(round(*ratio, 3)));
         }
         o.extend(self.extra.clone());
@@ -215,6 +224,7 @@ fn child_measure(part: &'static str, what: &str, records: u64, s: ChildStats) ->
         cpu: Some(s.cpu),
         rss_kib: Some(s.max_rss_kib),
         broker_cpu: Some(s.self_cpu),
+        others: s.others,
         ..Measure::default()
     }
 }
@@ -283,7 +293,7 @@ async fn raw_download(data: &Gen) -> anyhow::Result<Measure> {
         .build()
         .context("build the reqwest client")?;
     let (from, to) = (ts(START), ts(data.sizes.end()));
-    let cpu = run::self_cpu();
+    let probe = run::Probe::start();
     let started = Instant::now();
     let mut bytes = 0u64;
     for e in Ent::ALL {
@@ -309,13 +319,15 @@ async fn raw_download(data: &Gen) -> anyhow::Result<Measure> {
         "(a) read {bytes} bytes, the broker sent {}",
         broker.counters().bytes
     );
+    let (cpu, others) = probe.finish(Duration::ZERO);
     Ok(Measure {
         part: "a",
         what: "raw download (reqwest, unparsed)".into(),
         records: data.sizes.total(),
         wall,
         bytes: Some(bytes),
-        cpu: Some(run::self_cpu().saturating_sub(cpu)),
+        cpu: Some(cpu),
+        others,
         ..Measure::default()
     })
 }
@@ -325,14 +337,16 @@ async fn ceiling(data: &Gen) -> anyhow::Result<Measure> {
     let data = *data;
     tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir()?;
-        let cpu = run::self_cpu();
+        let probe = run::Probe::start();
         let wall = store::ceiling(&data, dir.path())?;
+        let (cpu, others) = probe.finish(Duration::ZERO);
         Ok(Measure {
             part: "b",
             what: "store ceiling (rusqlite, key order)".into(),
             records: data.sizes.total(),
             wall,
-            cpu: Some(run::self_cpu().saturating_sub(cpu)),
+            cpu: Some(cpu),
+            others,
             ..Measure::default()
         })
     })
@@ -521,10 +535,10 @@ async fn delivery(o: &Opts) -> anyhow::Result<Measure> {
     Ok(m)
 }
 
-fn print_table(title: &str, rows: &[(&Measure, Vec<(&str, f64)>)]) {
+fn print_header(title: &str) {
     println!("\n== {title} ==");
     println!(
-        "{:<4} {:<40} {:>10} {:>8} {:>10} {:>7} {:>9} {:>8} {:>9} {:>6} {:>6}",
+        "{:<4} {:<40} {:>10} {:>8} {:>10} {:>7} {:>9} {:>8} {:>9} {:>6} {:>6} {:>7}",
         "part",
         "measurement",
         "records",
@@ -535,38 +549,62 @@ fn print_table(title: &str, rows: &[(&Measure, Vec<(&str, f64)>)]) {
         "RSS MiB",
         "brkr µs/r",
         "÷(a)",
-        "÷(b)"
+        "÷(b)",
+        "others%"
     );
-    for (m, ratios) in rows {
-        let per = |d: Option<Duration>| {
-            d.map_or("-".into(), |d| {
-                format!("{:.1}", d.as_secs_f64() * 1e6 / m.records.max(1) as f64)
-            })
-        };
-        let ratio = |name: &str| {
-            ratios
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map_or("-".into(), |(_, r)| format!("{r:.2}"))
-        };
-        println!(
-            "({})  {:<40} {:>10} {:>8.2} {:>10.0} {:>7} {:>9} {:>8} {:>9} {:>6} {:>6}",
-            m.part,
-            m.what,
-            m.records,
-            m.wall.as_secs_f64(),
-            m.rate(),
-            m.bytes.map_or("-".into(), |b| format!(
-                "{:.1}",
-                b as f64 / 1e6 / m.wall.as_secs_f64()
-            )),
-            per(m.cpu),
-            m.rss_kib
-                .map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
-            per(m.broker_cpu),
-            ratio("over_a"),
-            ratio("over_b"),
-        );
+}
+
+/// A measurement's table row, printed as soon as it is done.
+fn print_row(m: &Measure) {
+    let per = |d: Option<Duration>| {
+        d.map_or("-".into(), |d| {
+            format!("{:.1}", d.as_secs_f64() * 1e6 / m.records.max(1) as f64)
+        })
+    };
+    let ratio = |name: &str| {
+        m.ratios
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or("-".into(), |(_, r)| format!("{r:.2}"))
+    };
+    println!(
+        "({})  {:<40} {:>10} {:>8.2} {:>10.0} {:>7} {:>9} {:>8} {:>9} {:>6} {:>6} {:>7.1}",
+        m.part,
+        m.what,
+        m.records,
+        m.wall.as_secs_f64(),
+        m.rate(),
+        m.bytes.map_or("-".into(), |b| format!(
+            "{:.1}",
+            b as f64 / 1e6 / m.wall.as_secs_f64()
+        )),
+        per(m.cpu),
+        m.rss_kib
+            .map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        per(m.broker_cpu),
+        ratio("over_a"),
+        ratio("over_b"),
+        m.others * 100.0,
+    );
+}
+
+/// Before a measurement: waits for the rest of the machine to quiet down, and says so.
+async fn quiet(o: &Opts, part: &str) {
+    if o.quiet_wait.is_zero() {
+        return;
+    }
+    match run::wait_quiet(o.quiet_wait).await {
+        Some(waited) if waited > Duration::from_secs(2) => {
+            println!(
+                "({part}) waited {:.0} s for other processes to quiet down",
+                waited.as_secs_f64()
+            )
+        }
+        Some(_) => {}
+        None => println!(
+            "({part}) other processes kept the machine busy for {} s: measuring anyway (see others%)",
+            o.quiet_wait.as_secs()
+        ),
     }
 }
 
@@ -576,7 +614,9 @@ async fn bench(o: Opts) -> anyhow::Result<()> {
     let want = |p: char| o.parts.contains(p);
     println!(
         "pipeline bench: binary {}, {} cores; (a)/(b) CPU = this process (broker + client), \
-         (c)-(f) CPU/RSS = the connector child (wait4), brkr = this process during the child's run",
+         (c)-(f) CPU = the connector child (wait4), RSS = its VmHWM, brkr = this process during the \
+         child's run, others% = every other process's CPU as a share of the machine (PostgreSQL \
+         in (d); above a few % the figures are not clean)",
         run::BINARY,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
@@ -587,63 +627,58 @@ async fn bench(o: Opts) -> anyhow::Result<()> {
         let title = format!(
             "N = {n} (customers {c}, transactions {t}, trading activity {a}; per_page {PER_PAGE})"
         );
+        print_header(&title);
         let mut done: Vec<Measure> = Vec::new();
-        if want('a') {
-            done.push(raw_download(&data).await?);
-        }
-        if want('b') {
-            done.push(ceiling(&data).await?);
-        }
-        if want('c') {
-            done.push(rest_backfill(&data).await?);
-        }
-        if want('d') {
-            done.extend(pg_backfill(sizes).await?);
-        }
-        let rate_of = |part: &str| done.iter().find(|m| m.part == part).map(Measure::rate);
-        let (ra, rb) = (rate_of("a"), rate_of("b"));
-        let rows: Vec<(&Measure, Vec<(&str, f64)>)> = done
-            .iter()
-            .map(|m| {
-                let mut ratios = Vec::new();
-                if matches!(m.part, "c" | "d") {
-                    if let Some(ra) = ra {
-                        ratios.push(("over_a", m.rate() / ra));
-                    }
-                    if let Some(rb) = rb {
-                        ratios.push(("over_b", m.rate() / rb));
-                    }
+        for part in ['a', 'b', 'c', 'd'] {
+            if !want(part) {
+                continue;
+            }
+            quiet(&o, &part.to_string()).await;
+            let measured = match part {
+                'a' => Some(raw_download(&data).await?),
+                'b' => Some(ceiling(&data).await?),
+                'c' => Some(rest_backfill(&data).await?),
+                _ => pg_backfill(sizes).await?,
+            };
+            let Some(mut m) = measured else { continue };
+            for (name, base) in [("over_a", "a"), ("over_b", "b")] {
+                let base = done.iter().find(|d| d.part == base).map(Measure::rate);
+                if let (true, Some(base)) = (matches!(m.part, "c" | "d"), base) {
+                    m.ratios.push((name, m.rate() / base));
                 }
-                (m, ratios)
-            })
-            .collect();
-        print_table(&title, &rows);
-        for (m, ratios) in &rows {
-            let line = m.json(n, ratios);
-            println!("{line}");
+            }
+            print_row(&m);
+            done.push(m);
+        }
+        for m in &done {
+            println!("{}", m.json(n));
         }
     }
     if want('e') || want('f') {
+        print_header("rate limits (independent of --sizes)");
         let mut done = Vec::new();
         if want('e') {
             println!(
-                "\n(e) running: {} requests' worth at {}/min (~{:.0} s)…",
+                "(e) running: {} requests' worth at {}/min (~{:.0} s)…",
                 o.rate_requests,
                 o.rate,
                 o.rate_requests as f64 * 60.0 / o.rate as f64
             );
-            done.push(rate_limited(&o).await?);
+            quiet(&o, "e").await;
+            let m = rate_limited(&o).await?;
+            print_row(&m);
+            done.push(m);
         }
         if want('f') {
             println!(
                 "(f) running: {} posts' worth of {} records at {}/min…",
                 o.sink_requests, o.sink_batch, o.sink_rate
             );
-            done.push(delivery(&o).await?);
+            quiet(&o, "f").await;
+            let m = delivery(&o).await?;
+            print_row(&m);
+            done.push(m);
         }
-        let rows: Vec<(&Measure, Vec<(&str, f64)>)> =
-            done.iter().map(|m| (m, Vec::new())).collect();
-        print_table("rate limits (independent of --sizes)", &rows);
         for m in &done {
             let x = &m.extra;
             let get = |k: &str| x.get(k).map_or("-".into(), Value::to_string);
@@ -676,8 +711,7 @@ async fn bench(o: Opts) -> anyhow::Result<()> {
             }
         }
         for m in &done {
-            let line = m.json(m.records, &[]);
-            println!("{line}");
+            println!("{}", m.json(m.records));
         }
     }
     Ok(())

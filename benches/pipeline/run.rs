@@ -56,6 +56,8 @@ pub struct ChildStats {
     pub max_rss_kib: u64,
     /// user + sys of this process (the broker and mocks) during the run.
     pub self_cpu: Duration,
+    /// Every other process's CPU during the run, as a share of the machine.
+    pub others: f64,
 }
 
 /// The child's `VmHWM` (peak RSS of its own address space, KiB), while it lives.
@@ -67,6 +69,73 @@ fn vm_hwm_kib(pid: libc::pid_t) -> Option<u64> {
 
 fn tv(t: libc::timeval) -> Duration {
     Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
+/// CPU time used on the whole machine so far (every process, from /proc/stat).
+fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal; guest time is counted in user.
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&k| ticks.get(k))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Duration::from_secs_f64(busy as f64 / hz)
+}
+
+/// How busy the machine was besides us: the benchmark's figures mean little when another
+/// build or benchmark shares the two cores.
+pub struct Probe {
+    busy: Duration,
+    own: Duration,
+    started: Instant,
+}
+
+impl Probe {
+    pub fn start() -> Probe {
+        Probe {
+            busy: machine_busy(),
+            own: self_cpu(),
+            started: Instant::now(),
+        }
+    }
+
+    /// This process's CPU since the start, and the CPU of every other process (`child_cpu`
+    /// excluded) as a share of the machine's capacity over the same time.
+    pub fn finish(&self, child_cpu: Duration) -> (Duration, f64) {
+        let own = self_cpu().saturating_sub(self.own);
+        let others = machine_busy()
+            .saturating_sub(self.busy)
+            .saturating_sub(own + child_cpu);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let capacity = self.started.elapsed().as_secs_f64() * cores;
+        (own, others.as_secs_f64() / capacity.max(1e-9))
+    }
+}
+
+/// Waits until every other process together uses under 10 % of the machine over a second, at
+/// most `max`: how long it waited, or `None` when it gave up.
+pub async fn wait_quiet(max: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        let probe = Probe::start();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if probe.finish(Duration::ZERO).1 < 0.10 {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() >= max {
+            return None;
+        }
+    }
 }
 
 pub fn self_cpu() -> Duration {
@@ -97,7 +166,7 @@ pub async fn connector(
     for (name, value) in env {
         command.env(name, value);
     }
-    let cpu_before = self_cpu();
+    let probe = Probe::start();
     let started = Instant::now();
     let child = command.spawn()?;
     let pid = child.id() as libc::pid_t;
@@ -144,10 +213,13 @@ pub async fn connector(
         args.join(" "),
         setup.log_tail()
     );
+    let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
+    let (self_cpu, others) = probe.finish(cpu);
     Ok(ChildStats {
         wall,
-        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+        cpu,
         max_rss_kib: peak,
-        self_cpu: self_cpu().saturating_sub(cpu_before),
+        self_cpu,
+        others,
     })
 }
