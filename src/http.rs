@@ -2,6 +2,7 @@
 //! quota, and error text that names the cause without leaking the body's bulk.
 
 use std::num::NonZeroU32;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use backon::ExponentialBuilder;
@@ -12,6 +13,39 @@ use crate::config::plan::RateLimit;
 
 /// How much of an error body goes into a message.
 const ERROR_BODY_CHARS: usize = 300;
+
+/// A client builder with the process's one TLS configuration. Each `reqwest::Client` would
+/// otherwise read and parse the system's trust roots into a store of its own (about 200 KiB,
+/// and the parsing) — once per connector, hundreds of times in one daemon.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    let builder = reqwest::Client::builder();
+    match shared_tls() {
+        Some(config) => builder.tls_backend_preconfigured(config),
+        // reqwest builds its own and reports the same failure, if it fails for it too.
+        None => builder,
+    }
+}
+
+/// rustls with the system's roots, as reqwest would make it, made once.
+fn shared_tls() -> Option<rustls::ClientConfig> {
+    static CONFIG: OnceLock<Option<rustls::ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            crate::source::rest::ensure_crypto_provider();
+            let provider = rustls::crypto::CryptoProvider::get_default()?.clone();
+            let verifier = rustls_platform_verifier::Verifier::new(Arc::clone(&provider)).ok()?;
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .ok()?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth();
+            // reqwest leaves ALPN to a preconfigured config: offer HTTP/2, then HTTP/1.1.
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            Some(config)
+        })
+        .clone()
+}
 
 /// Exponential backoff with jitter and no count limit: callers bound retries by time, and cut
 /// every wait to what is left of their budget.

@@ -116,6 +116,7 @@ pub fn connector_started(broker: &str, entities: &[Entity]) {
         )
         .increment(0);
         counter!(RECORDS_STORED, &[b.clone(), e.clone()]).increment(0);
+        counter!(TICKS_SKIPPED, &[b.clone(), e.clone()]).increment(0);
         counter!(RECORDS_QUARANTINED, &[b, e]).increment(0);
     }
 }

@@ -58,7 +58,7 @@ enum Attempt {
 impl Track360Client {
     pub fn new(plan: &Track360Plan) -> Result<Track360Client, reqwest::Error> {
         crate::source::rest::ensure_crypto_provider();
-        let http = reqwest::Client::builder()
+        let http = http::client_builder()
             .user_agent(concat!("t360-connector/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .timeout(plan.timeout)

@@ -34,7 +34,7 @@ pub struct HttpClient {
 
 impl HttpClient {
     pub fn new(broker: &str, plan: &RestPlan) -> Result<HttpClient, reqwest::Error> {
-        let client = reqwest::Client::builder()
+        let client = http::client_builder()
             .user_agent(concat!("t360-connector/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(plan.connect_timeout)
             // A total deadline per page, body included: a stalled broker fails the attempt
