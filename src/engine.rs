@@ -225,47 +225,73 @@ impl Runner<'_> {
         };
         // One page of look-ahead: a page is committed once we know whether it is the last,
         // so that the last page's records and the checkpoint share one transaction. The page
-        // is delivered (a remote sink posts it) while the next one is fetched: at most one page
-        // in delivery and one in flight from the broker.
-        let mut current = pager.next_page().await.map_err(source_error)?;
-        while let Some(page) = current {
-            let pulled = page.records.len();
-            let mut batch = self.batch(entity, page, &self.plan.mapping);
-            batch.stage_records = !live;
-            let (delivered, next) = tokio::join!(self.sink.deliver(&mut batch), pager.next_page());
-            // Undelivered: nothing of this page is committed and the cursor stays.
-            delivered.map_err(|source| EngineError::Sink {
-                broker: self.plan.broker.clone(),
-                entity,
-                source,
-            })?;
-            let next = match next {
-                Ok(next) => next,
-                Err(e) => {
-                    // Keep what was received: commit the page in hand, then fail.
-                    self.finalize(entity, batch, pulled, summary).await?;
-                    return Err(source_error(e));
-                }
-            };
-            batch.progress = match (&next, lane) {
-                (Some(_), _) => Progress::None,
-                (None, Lane::Live) => Progress::Cursor(window.to),
-                (None, Lane::Backfill { since }) => Progress::Backfill {
-                    since,
-                    done_until: window.to,
-                },
-            };
-            self.finalize(entity, batch, pulled, summary).await?;
-            current = next;
-            if current.is_some() && self.stop.is_cancelled() {
-                // The page in hand is committed; the rest of the window waits for the next run.
-                info!("Stopping after the committed page.");
-                return Err(EngineError::Interrupted {
+        // is delivered (a remote sink posts it) while the next one is fetched.
+        //
+        // Two halves joined in this task: `fetch` reads, validates and delivers pages and hands
+        // them to `commit` through a channel of one, so that page N commits (on SQLite's
+        // thread) while page N+1 is fetched and validated. Commits stay in page order, each
+        // after the one before it; at most one page commits, one waits and one is in flight.
+        let (handoff, mut handed) = tokio::sync::mpsc::channel::<(PageBatch, usize)>(1);
+        let fetch = async move {
+            let mut current = pager.next_page().await.map_err(source_error)?;
+            while let Some(page) = current {
+                let pulled = page.records.len();
+                let mut batch = self.batch(entity, page, &self.plan.mapping);
+                batch.stage_records = !live;
+                let (delivered, next) =
+                    tokio::join!(self.sink.deliver(&mut batch), pager.next_page());
+                // Undelivered: nothing of this page is committed and the cursor stays.
+                delivered.map_err(|source| EngineError::Sink {
                     broker: self.plan.broker.clone(),
                     entity,
-                });
+                    source,
+                })?;
+                let next = match next {
+                    Ok(next) => next,
+                    Err(e) => {
+                        // Keep what was received: commit the page in hand, then fail.
+                        let _ = handoff.send((batch, pulled)).await;
+                        return Err(source_error(e));
+                    }
+                };
+                batch.progress = match (&next, lane) {
+                    (Some(_), _) => Progress::None,
+                    (None, Lane::Live) => Progress::Cursor(window.to),
+                    (None, Lane::Backfill { since }) => Progress::Backfill {
+                        since,
+                        done_until: window.to,
+                    },
+                };
+                if handoff.send((batch, pulled)).await.is_err() {
+                    // The commit half failed: its error is the run's.
+                    return Ok(());
+                }
+                current = next;
+                if current.is_some() && self.stop.is_cancelled() {
+                    // The page in hand is committed; the rest of the window waits for the
+                    // next run.
+                    info!("Stopping after the committed page.");
+                    return Err(EngineError::Interrupted {
+                        broker: self.plan.broker.clone(),
+                        entity,
+                    });
+                }
             }
-        }
+            Ok(())
+        };
+        // `move`: a failed commit drops the receiver, which ends `fetch` at its next send
+        // instead of leaving it waiting on a full channel.
+        let totals = &mut *summary;
+        let commit = async move {
+            while let Some((batch, pulled)) = handed.recv().await {
+                self.finalize(entity, batch, pulled, totals).await?;
+            }
+            Ok::<(), EngineError>(())
+        };
+        let (fetched, committed) = tokio::join!(fetch, commit);
+        // A failed commit first: no page after it was committed.
+        committed?;
+        fetched?;
         let s = summary.stats;
         if live {
             info!(

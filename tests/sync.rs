@@ -423,6 +423,56 @@ async fn a_failed_sync_keeps_what_it_received_and_does_not_move_the_cursor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_cannot_be_committed_fails_the_run_and_later_pages_wait() {
+    // Page N commits while N+1 is fetched: a commit that fails must end the run (not leave the
+    // fetching half waiting), keep the pages before it, commit none after it, and not move the
+    // cursor.
+    let connector = Connector {
+        per_page: 10,
+        ..Connector::default()
+    };
+    let env = Env::start(dataset(100), Paging::Cursor, connector).await;
+    env.sync_entity(Entity::Customers).await.unwrap();
+    // The 55th transaction by modification time: on page 6 of 20.
+    let mut by_modified: Vec<(String, String)> = env
+        .truth(Entity::Transactions)
+        .into_iter()
+        .map(|(key, row)| (row["last_modified_date"].clone().unwrap(), key))
+        .collect();
+    by_modified.sort();
+    let refused = by_modified[54].1.clone();
+    let db = rusqlite::Connection::open(env.database()).unwrap();
+    db.execute_batch(&format!(
+        "CREATE TRIGGER refuse BEFORE INSERT ON transactions WHEN NEW.transaction_id = '{refused}'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+    ))
+    .unwrap();
+    let run = env.sync_entity(Entity::Transactions);
+    let error = tokio::time::timeout(std::time::Duration::from_secs(30), run)
+        .await
+        .expect("the run ended")
+        .expect_err("the run failed");
+    assert!(error.to_string().contains("refused by the test"), "{error}");
+    assert_eq!(env.cursor(Entity::Transactions), None);
+    let stored: std::collections::BTreeSet<String> =
+        env.rows(Entity::Transactions).into_keys().collect();
+    let before: std::collections::BTreeSet<String> =
+        by_modified[..50].iter().map(|(_, k)| k.clone()).collect();
+    assert_eq!(
+        stored, before,
+        "exactly the five pages before the refused one"
+    );
+
+    db.execute_batch("DROP TRIGGER refuse;").unwrap();
+    env.sync_entity(Entity::Transactions).await.unwrap();
+    assert_same(
+        Entity::Transactions,
+        &env.rows(Entity::Transactions),
+        &env.truth(Entity::Transactions),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_never_moves_the_live_cursor_backwards() {
     let env = Env::start(dataset(100), Paging::Cursor, Connector::default()).await;
     env.sync().await.expect("sync");
