@@ -4,15 +4,17 @@
 //!
 //! - (a) raw download: a bare reqwest client reads every page of every entity, unparsed;
 //! - (b) store ceiling: a minimal rusqlite upsert loop in key order (WAL, 500 rows a transaction);
+//!   and, with `--parts …r…`, (r) the same loop in the broker's (modified) order, as a backfill
+//!   writes: the random-B-tree-page share of (c)'s cost;
 //! - (c) `t360-connector backfill` (the release binary, a child process) from the synthetic REST
-//!   broker into a fresh embedded store: wall, records/s, the child's CPU and peak RSS (`wait4`),
-//!   and the store must hold exactly N rows;
+//!   broker into a fresh embedded store: wall, records/s, the child's CPU (`wait4`) and peak
+//!   RSS (its own VmHWM), and the store must hold exactly N rows;
 //! - (d) the same from PostgreSQL when `T360_TEST_POSTGRES_URL` is set.
 //!
 //! Then, once: (e) a backfill against a broker that allows `--rate` requests a minute, and (f)
 //! delivery to the mock Track360 ingestion API at its rate limit.
 //!
-//! Flags: `--sizes 100k,1m` `--parts abcdef` `--rate 300` `--rate-requests 300`
+//! Flags: `--sizes 100k,1m` `--parts abcdef` (add `r` for (r)) `--rate 300` `--rate-requests 300`
 //! `--sink-rate 300` `--sink-batch 1000` `--sink-requests 150` `--quiet-wait 60` (seconds to wait
 //! before each measurement for other processes to use under 10 % of the machine; 0: don't).
 
@@ -332,17 +334,22 @@ async fn raw_download(data: &Gen) -> anyhow::Result<Measure> {
     })
 }
 
-/// (b) the rusqlite ceiling, in a thread of its own (it blocks).
-async fn ceiling(data: &Gen) -> anyhow::Result<Measure> {
+/// (b) the rusqlite ceiling, in a thread of its own (it blocks); (r) the same in broker order.
+async fn ceiling(data: &Gen, in_key_order: bool) -> anyhow::Result<Measure> {
     let data = *data;
     tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir()?;
         let probe = run::Probe::start();
-        let wall = store::ceiling(&data, dir.path())?;
+        let wall = store::ceiling(&data, dir.path(), in_key_order)?;
         let (cpu, others) = probe.finish(Duration::ZERO);
         Ok(Measure {
-            part: "b",
-            what: "store ceiling (rusqlite, key order)".into(),
+            part: if in_key_order { "b" } else { "r" },
+            what: if in_key_order {
+                "store ceiling (rusqlite, key order)"
+            } else {
+                "store ceiling (rusqlite, broker order)"
+            }
+            .into(),
             records: data.sizes.total(),
             wall,
             cpu: Some(cpu),
@@ -629,14 +636,15 @@ async fn bench(o: Opts) -> anyhow::Result<()> {
         );
         print_header(&title);
         let mut done: Vec<Measure> = Vec::new();
-        for part in ['a', 'b', 'c', 'd'] {
+        for part in ['a', 'b', 'r', 'c', 'd'] {
             if !want(part) {
                 continue;
             }
             quiet(&o, &part.to_string()).await;
             let measured = match part {
                 'a' => Some(raw_download(&data).await?),
-                'b' => Some(ceiling(&data).await?),
+                'b' => Some(ceiling(&data, true).await?),
+                'r' => Some(ceiling(&data, false).await?),
                 'c' => Some(rest_backfill(&data).await?),
                 _ => pg_backfill(sizes).await?,
             };

@@ -1,6 +1,6 @@
 //! (b) The store ceiling: a minimal rusqlite loop into tables with the embedded store's columns
 //! (v1 of src/state/schema.rs), WAL, `synchronous = NORMAL`, one prepared upsert per entity,
-//! 500 rows per transaction, rows written in key order.
+//! 500 rows per transaction, rows written in key order (or, for comparison, in broker order).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -125,8 +125,9 @@ fn key_order(
     Ok(())
 }
 
-/// Writes the whole data set; returns the wall time. The file is counted afterwards.
-pub fn ceiling(data: &Gen, dir: &Path) -> anyhow::Result<Duration> {
+/// Writes the whole data set in key order, or (`in_key_order` false) in the broker's order (the
+/// order a backfill writes in); returns the wall time. The file is counted afterwards.
+pub fn ceiling(data: &Gen, dir: &Path, in_key_order: bool) -> anyhow::Result<Duration> {
     let path = dir.join("ceiling.db");
     let mut conn = Connection::open(&path)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
@@ -150,13 +151,18 @@ pub fn ceiling(data: &Gen, dir: &Path) -> anyhow::Result<Duration> {
             batch.clear();
             tx.commit()
         };
-        key_order(data, e, |i| {
+        let mut each = |i| {
             batch.push(i);
             if batch.len() == ROWS_PER_TX {
                 write(&mut conn, &mut batch)?;
             }
             Ok(())
-        })?;
+        };
+        if in_key_order {
+            key_order(data, e, each)?;
+        } else {
+            (0..data.sizes.of(e)).try_for_each(&mut each)?;
+        }
         if !batch.is_empty() {
             write(&mut conn, &mut batch)?;
         }
