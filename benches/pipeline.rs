@@ -11,12 +11,14 @@
 //!   RSS (its own VmHWM), and the store must hold exactly N rows;
 //! - (d) the same from PostgreSQL when `T360_TEST_POSTGRES_URL` is set.
 //!
-//! Then, once: (e) a backfill against a broker that allows `--rate` requests a minute, and (f)
-//! delivery to the mock Track360 ingestion API at its rate limit.
+//! Then, once: (e) a backfill against a broker that allows `--rate` requests a minute, (f)
+//! delivery to the mock Track360 ingestion API at its rate limit, and (g) the daemon idle with
+//! `--idle-connectors` (500) connector files: its CPU share of a core and its RSS.
 //!
-//! Flags: `--sizes 100k,1m` `--parts abcdef` (add `r` for (r)) `--rate 300` `--rate-requests 300`
-//! `--sink-rate 300` `--sink-batch 1000` `--sink-requests 150` `--quiet-wait 60` (seconds to wait
-//! before each measurement for other processes to use under 10 % of the machine; 0: don't).
+//! Flags: `--sizes 100k,1m` `--parts abcdefg` (add `r` for (r)) `--rate 300` `--rate-requests 300`
+//! `--sink-rate 300` `--sink-batch 1000` `--sink-requests 150` `--idle-connectors 500`
+//! `--idle-seconds 60` `--quiet-wait 60` (seconds to wait before each measurement for other
+//! processes to use under 10 % of the machine; 0: don't).
 
 #[path = "pipeline/broker.rs"]
 mod broker;
@@ -64,6 +66,8 @@ struct Opts {
     sink_batch: u64,
     sink_requests: u64,
     quiet_wait: Duration,
+    idle_connectors: u64,
+    idle_seconds: u64,
 }
 
 fn parse_count(text: &str) -> anyhow::Result<u64> {
@@ -84,13 +88,15 @@ fn parse_count(text: &str) -> anyhow::Result<u64> {
 fn opts() -> anyhow::Result<Opts> {
     let mut o = Opts {
         sizes: vec![100_000, 1_000_000],
-        parts: "abcdef".into(),
+        parts: "abcdefg".into(),
         rate: 300,
         rate_requests: 0,
         sink_rate: 300,
         sink_batch: 1000,
         sink_requests: 150,
         quiet_wait: Duration::from_secs(60),
+        idle_connectors: 500,
+        idle_seconds: 60,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -123,11 +129,14 @@ fn opts() -> anyhow::Result<Opts> {
             "--sink-batch" => o.sink_batch = parse_count(&value()?)?,
             "--sink-requests" => o.sink_requests = parse_count(&value()?)?,
             "--quiet-wait" => o.quiet_wait = Duration::from_secs(parse_count(&value()?)?),
+            "--idle-connectors" => o.idle_connectors = parse_count(&value()?)?.max(1),
+            "--idle-seconds" => o.idle_seconds = parse_count(&value()?)?.max(1),
             "-h" | "--help" => {
                 println!(
-                    "cargo bench --bench pipeline -- [--sizes 100k,1m,10m] [--parts abcdef] \
+                    "cargo bench --bench pipeline -- [--sizes 100k,1m,10m] [--parts abcdefg] \
                      [--rate 300] [--rate-requests N] [--sink-rate 300] [--sink-batch 1000] \
-                     [--sink-requests 150] [--quiet-wait 60]"
+                     [--sink-requests 150] [--quiet-wait 60] [--idle-connectors 500] \
+                     [--idle-seconds 60]"
                 );
                 std::process::exit(0);
             }
@@ -474,6 +483,94 @@ async fn rate_limited(o: &Opts) -> anyhow::Result<Measure> {
     Ok(m)
 }
 
+/// (g) `t360-connector run` with `--idle-connectors` connector files scheduled daily: once
+/// every entity has caught up (empty windows), its CPU over `--idle-seconds` and its RSS.
+async fn idle_daemon(o: &Opts) -> anyhow::Result<()> {
+    let broker = Broker::start(Gen::new(Sizes::split(1_000)), None).await;
+    let dir = tempfile::tempdir()?;
+    let base = broker.base_url();
+    // Every entity catches up once at start, over an empty window (no data since `start`).
+    let file = |i: u64| {
+        rest_connector(&base, NO_LIMIT).replace("broker = \"bench\"", &format!("broker = \"b{i}\""))
+            + "start = \"2099-01-01\"\n[schedule]\ncustomers = \"0 3 * * *\"\n\
+               transactions = \"0 3 * * *\"\ntrading_activity = \"0 3 * * *\"\n"
+    };
+    let setup = Setup::new(dir.path(), "[daemon]\nlisten = \"off\"\n", "b0", &file(0));
+    for i in 1..o.idle_connectors {
+        std::fs::write(
+            setup.dir.join("connectors").join(format!("b{i}.toml")),
+            file(i),
+        )?;
+    }
+    let log = std::fs::File::create(setup.log())?;
+    let mut child = std::process::Command::new(run::BINARY)
+        .arg("-c")
+        .arg(setup.dir.join("settings.toml"))
+        .arg("run")
+        .current_dir(&setup.dir)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    let pid = child.id();
+    let ticks = || -> anyhow::Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // utime and stime: fields 14 and 15, after the parenthesised command name.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+    };
+    // Catch-up: wait until the daemon's CPU stops moving (every run finished).
+    let mut last = ticks()?;
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = ticks()?;
+        ensure!(
+            child.try_wait()?.is_none(),
+            "the daemon exited:\n{}",
+            setup.log_tail()
+        );
+        if now - last <= 5 {
+            break;
+        }
+        last = now;
+    }
+    let before = ticks()?;
+    tokio::time::sleep(Duration::from_secs(o.idle_seconds)).await;
+    let spent = ticks()? - before;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: SIGTERM to our own child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    child.wait()?;
+    // Clock ticks are 1/100 s on Linux.
+    let core_share = spent as f64 / 100.0 / o.idle_seconds as f64;
+    println!(
+        "(g) idle daemon, {} connector files ({} entity loops): {:.2} % of a core over {} s, \
+         RSS {:.1} MiB (peak {:.1} MiB)",
+        o.idle_connectors,
+        o.idle_connectors * 3,
+        core_share * 100.0,
+        o.idle_seconds,
+        kib("VmRSS:") as f64 / 1024.0,
+        kib("VmHWM:") as f64 / 1024.0,
+    );
+    println!(
+        "{}",
+        json!({"bench": "pipeline", "part": "g", "connectors": o.idle_connectors,
+               "idle_seconds": o.idle_seconds, "core_share": round(core_share, 4),
+               "rss_mib": round(kib("VmRSS:") as f64 / 1024.0, 1),
+               "peak_rss_mib": round(kib("VmHWM:") as f64 / 1024.0, 1)})
+    );
+    Ok(())
+}
+
 /// (f) delivery to the mock Track360 ingestion API at its rate limit.
 async fn delivery(o: &Opts) -> anyhow::Result<Measure> {
     let sizes = Sizes::split(o.sink_requests * o.sink_batch);
@@ -721,6 +818,11 @@ async fn bench(o: Opts) -> anyhow::Result<()> {
         for m in &done {
             println!("{}", m.json(m.records));
         }
+    }
+    if want('g') {
+        print_header("idle daemon");
+        quiet(&o, "g").await;
+        idle_daemon(&o).await?;
     }
     Ok(())
 }

@@ -232,14 +232,32 @@ impl Runner<'_> {
         // thread) while page N+1 is fetched and validated. Commits stay in page order, each
         // after the one before it; at most one page commits, one waits and one is in flight.
         let (handoff, mut handed) = tokio::sync::mpsc::channel::<(PageBatch, usize)>(1);
+        let gather = self.sink.batch_records();
         let fetch = async move {
             let mut current = pager.next_page().await.map_err(source_error)?;
             while let Some(page) = current {
-                let pulled = page.records.len();
+                let mut pulled = page.records.len();
                 let mut batch = self.batch(entity, page, &self.plan.mapping);
                 batch.stage_records = !live;
-                let (delivered, next) =
-                    tokio::join!(self.sink.deliver(&mut batch), pager.next_page());
+                // Pages joined up to the sink's batch size (the Track360 API takes 1000
+                // records a request, a broker serves 500 a page); the window may end, or the
+                // broker fail, on the way.
+                let mut early: Option<Result<Option<Page>, SourceError>> = None;
+                while early.is_none() && batch.records.len() + batch.rejects.len() < gather {
+                    match pager.next_page().await {
+                        Ok(Some(more)) => {
+                            pulled += more.records.len();
+                            let extra = self.batch(entity, more, &self.plan.mapping);
+                            batch.records.extend(extra.records);
+                            batch.rejects.extend(extra.rejects);
+                        }
+                        ended_or_failed => early = Some(ended_or_failed),
+                    }
+                }
+                let (delivered, next) = match early {
+                    Some(next) => (self.sink.deliver(&mut batch).await, next),
+                    None => tokio::join!(self.sink.deliver(&mut batch), pager.next_page()),
+                };
                 // Undelivered: nothing of this page is committed and the cursor stays.
                 delivered.map_err(|source| EngineError::Sink {
                     broker: self.plan.broker.clone(),

@@ -67,6 +67,24 @@ async fn the_track360_sink_delivers_exactly_the_brokers_data() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_smaller_than_the_apis_batch_are_joined_into_full_posts() {
+    // The broker serves 100 records a page, the API takes 300 a request: every post but a
+    // window's last carries 300, so the request budget buys all the records it can.
+    let ingestion = Ingestion::start(1000, Duration::from_secs(3600)).await;
+    let env = env_with(dataset(700), &ingestion, "track360", "batch_size = 300").await;
+    env.sync_entity(Entity::Customers).await.expect("sync");
+    assert_eq!(ingestion.records(Entity::Customers).len(), 700);
+    let (_, oversized, largest, _, _) = ingestion.manners();
+    assert_eq!((oversized, largest), (0, 300));
+    assert_eq!(
+        ingestion.posts(),
+        3,
+        "700 records in posts of 300, 300 and 100"
+    );
+    assert!(env.cursor(Entity::Customers).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_sinks_keep_the_same_records() {
     let ingestion = Ingestion::start(1000, Duration::from_secs(3600)).await;
     let env = env_with(invalid_data(), &ingestion, "both", "").await;

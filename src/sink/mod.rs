@@ -129,6 +129,12 @@ pub enum SinkError {
 pub trait Sink: Send + Sync {
     fn deliver<'a>(&'a self, batch: &'a mut PageBatch) -> BoxFuture<'a, Result<(), SinkError>>;
     fn finalize(&self, batch: PageBatch) -> BoxFuture<'_, Result<CommitStats, StoreError>>;
+    /// Records worth gathering from consecutive pages into one batch before delivery: an API
+    /// that takes more records a request than a broker serves a page is otherwise spent at a
+    /// fraction of its budget. 0: one page a batch.
+    fn batch_records(&self) -> usize {
+        0
+    }
 }
 
 /// The embedded SQLite store as a sink.

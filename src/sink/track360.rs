@@ -268,6 +268,10 @@ impl Track360Sink {
 }
 
 impl Sink for Track360Sink {
+    fn batch_records(&self) -> usize {
+        self.client.plan.batch_size
+    }
+
     fn deliver<'a>(&'a self, batch: &'a mut PageBatch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             batch.keep_records = self.keep_local;
