@@ -265,7 +265,7 @@ pub(super) fn sql_plan(
         }
     };
     let page_size = match raw.page_size {
-        None => Some(5000),
+        None => Some(1000),
         Some(n) if (1..=100_000).contains(&n) => Some(n as u32),
         Some(n) => {
             problems.add(

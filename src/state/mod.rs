@@ -633,7 +633,7 @@ impl QuarantineFilter {
 }
 
 /// SQLite's page cache, KiB.
-const CACHE_KIB: i64 = 16 * 1024;
+const CACHE_KIB: i64 = 8 * 1024;
 
 /// Staged rows (of one entity) that make a backfill merge before its end.
 const MERGE_AT: u64 = 1_000_000;

@@ -70,6 +70,11 @@ pub fn page(
     let upper = placeholder(Slot::Upper, &mut slots);
     let _ = write!(sql, "{range} >= {lower} AND {range} {upper_op} {upper}");
     if after {
+        // `c0 >= v0` first: implied by the comparison below, but an index range scan starts
+        // there only when it is spelled as a bound of its own. Without it each page scans
+        // from the window's start past every row read before: quadratic in the window.
+        let start = placeholder(Slot::After(0), &mut slots);
+        let _ = write!(sql, " AND {range} >= {start}");
         // (c0, c1, …) > (v0, v1, …), innermost last.
         let mut clause = String::new();
         for (i, column) in order.iter().enumerate() {
@@ -257,13 +262,13 @@ mod tests {
         assert_eq!(
             q.sql,
             "SELECT `a`, `b`, `c` FROM (SELECT a, b, c FROM t) AS t360_src WHERE `a` >= ? AND \
-             `a` < ? AND (`a` > ? OR (`a` = ? AND (`b` > ? OR (`b` = ? AND `c` > ?)))) \
+             `a` < ? AND `a` >= ? AND (`a` > ? OR (`a` = ? AND (`b` > ? OR (`b` = ? AND `c` > ?)))) \
              ORDER BY `a`, `b`, `c` LIMIT 10"
         );
         let s = |i| Slot::After(i);
         assert_eq!(
             q.slots,
-            vec![Slot::Lower, Slot::Upper, s(0), s(0), s(1), s(1), s(2)]
+            vec![Slot::Lower, Slot::Upper, s(0), s(0), s(0), s(1), s(1), s(2)]
         );
     }
 }
