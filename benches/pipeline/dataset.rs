@@ -11,6 +11,7 @@
 //!   (the backfill pulls customers first, so nothing is held as an orphan).
 
 use std::fmt::Write as _;
+use t360_connector::model::Entity;
 
 /// 2025-01-01T00:00:00Z.
 pub const START: i64 = 1_735_689_600;
@@ -55,58 +56,23 @@ impl Ent {
         }
     }
 
+    /// The connector's entity.
+    pub fn entity(self) -> Entity {
+        match self {
+            Ent::Customers => Entity::Customers,
+            Ent::Transactions => Entity::Transactions,
+            Ent::Activity => Entity::TradingActivity,
+        }
+    }
+
     /// Columns in the store's order (after `broker`), which is also the JSON field order.
     pub fn columns(self) -> &'static [&'static str] {
-        match self {
-            Ent::Customers => &[
-                "customer_id",
-                "signup_date",
-                "last_modified_date",
-                "affiliate_id",
-                "campaign_id",
-                "click_id",
-                "lang_id",
-                "country_code",
-                "kyc_status_id",
-                "sales_status_id",
-                "trading_account_type",
-                "leverage",
-                "first_name",
-                "last_name",
-                "email",
-            ],
-            Ent::Transactions => &[
-                "transaction_id",
-                "customer_id",
-                "transaction_type",
-                "amount",
-                "currency",
-                "transaction_date",
-                "status",
-                "last_modified_date",
-            ],
-            Ent::Activity => &[
-                "date",
-                "customer_id",
-                "instrument",
-                "lots_traded",
-                "volume_usd",
-                "spread_cost",
-                "commission",
-                "pnl",
-                "currency",
-                "last_modified_date",
-            ],
-        }
+        self.entity().fields()
     }
 
     /// The natural key's columns.
     pub fn key(self) -> &'static [&'static str] {
-        match self {
-            Ent::Customers => &["customer_id"],
-            Ent::Transactions => &["transaction_id"],
-            Ent::Activity => &["date", "customer_id", "instrument", "currency"],
-        }
+        self.entity().key_fields()
     }
 
     /// Seconds between consecutive records' `last_modified_date`.
