@@ -42,7 +42,7 @@ pub struct Replica {
     pub url: String,
     /// Prefix of every table name: `schema.` on servers, empty for SQLite.
     pub prefix: String,
-    schema: String,
+    pub schema: String,
     admin: Admin,
     _dir: Option<tempfile::TempDir>,
 }
@@ -161,6 +161,17 @@ impl Replica {
                 .await
                 .unwrap(),
             _ => unimplemented!("exec_scalar is for PostgreSQL"),
+        }
+    }
+
+    /// Every row's first column of `sql`, as text (PostgreSQL only): `EXPLAIN`'s lines.
+    pub async fn exec_lines(&self, sql: &str) -> Vec<String> {
+        match &self.admin {
+            Admin::Postgres(pool) => sqlx::query_scalar::<_, String>(AssertSqlSafe(sql.to_owned()))
+                .fetch_all(pool)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}")),
+            _ => unimplemented!("exec_lines is for PostgreSQL"),
         }
     }
 
