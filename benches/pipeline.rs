@@ -24,6 +24,8 @@
 mod broker;
 #[path = "pipeline/dataset.rs"]
 mod dataset;
+#[path = "../tests/support/measure.rs"]
+mod measure;
 #[path = "pipeline/pg.rs"]
 mod pg;
 #[path = "pipeline/run.rs"]

@@ -12,7 +12,8 @@ use t360_connector::model::Entity;
 
 const T: Entity = Entity::Transactions;
 
-async fn reconcile(env: &Env, extra: &[&str]) -> Output {
+/// `reconcile` of the transactions of every day the data can have.
+fn reconcile_command(env: &Env) -> std::process::Command {
     let mut cmd = env.binary();
     cmd.args([
         "reconcile",
@@ -24,10 +25,13 @@ async fn reconcile(env: &Env, extra: &[&str]) -> Output {
         "2000-01-01",
         "--to",
         "2100-12-31",
-        "--format",
-        "json",
-    ])
-    .args(extra);
+    ]);
+    cmd
+}
+
+async fn reconcile(env: &Env, extra: &[&str]) -> Output {
+    let mut cmd = reconcile_command(env);
+    cmd.args(["--format", "json"]).args(extra);
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap()
@@ -260,18 +264,7 @@ async fn reconcile_peak_rss(customers: usize) -> u64 {
     };
     let env = Env::start(data, Paging::Cursor, connector).await;
     env.sync().await.unwrap();
-    let mut cmd = env.binary();
-    cmd.args([
-        "reconcile",
-        "--broker",
-        BROKER,
-        "--entity",
-        "transactions",
-        "--from",
-        "2000-01-01",
-        "--to",
-        "2100-12-31",
-    ]);
+    let cmd = reconcile_command(&env);
     let usage = tokio::task::spawn_blocking(move || support::run_measured(cmd))
         .await
         .unwrap();

@@ -60,13 +60,6 @@ pub struct ChildStats {
     pub others: f64,
 }
 
-/// The child's `VmHWM` (peak RSS of its own address space, KiB), while it lives.
-fn vm_hwm_kib(pid: libc::pid_t) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn tv(t: libc::timeval) -> Duration {
     Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
 }
@@ -169,41 +162,12 @@ pub async fn connector(
     let probe = Probe::start();
     let started = Instant::now();
     let child = command.spawn()?;
-    let pid = child.id() as libc::pid_t;
-    let (status, usage, peak) = tokio::task::spawn_blocking(move || {
-        // Peak RSS is the child's own VmHWM, read until it exits: `ru_maxrss` would charge the
-        // child with this process's high-water mark, which Linux carries across `exec`.
-        // VmHWM only grows; the last reading before the exit is the peak, give or take the
-        // last few milliseconds. The child is not reaped until wait4, so the pid stays its.
-        let mut peak = 0;
-        loop {
-            // SAFETY: WNOWAIT leaves the child to be reaped by wait4; `info` is ours.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            let exited = unsafe {
-                libc::waitid(
-                    libc::P_PID,
-                    pid as libc::id_t,
-                    &mut info,
-                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-                ) == 0
-                    && info.si_pid() != 0
-            };
-            if exited {
-                break;
-            }
-            if let Some(kib) = vm_hwm_kib(pid) {
-                peak = peak.max(kib);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let mut status = 0;
-        // SAFETY: wait4 reaps our own child and fills the zeroed rusage we own; the CPU
-        // times in it are the child's alone.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        (if reaped == pid { status } else { -1 }, usage, peak)
-    })
-    .await?;
+    let pid = child.id();
+    // Its own CPU and peak RSS (not ru_maxrss: see `measure`).
+    let reaped =
+        tokio::task::spawn_blocking(move || super::measure::reap(pid, Duration::from_millis(5)))
+            .await?;
+    let status = reaped.status;
     let wall = started.elapsed();
     drop(child);
     let exited_ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
@@ -213,12 +177,12 @@ pub async fn connector(
         args.join(" "),
         setup.log_tail()
     );
-    let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
+    let cpu = reaped.cpu;
     let (self_cpu, others) = probe.finish(cpu);
     Ok(ChildStats {
         wall,
         cpu,
-        max_rss_kib: peak,
+        max_rss_kib: reaped.peak_rss_kib,
         self_cpu,
         others,
     })

@@ -13,6 +13,7 @@ use t360_connector::commands;
 use t360_connector::model::Entity;
 pub use t360_connector::sample_broker::{Dataset, DatasetSpec, Paging, SampleBroker, natural_key};
 
+pub mod measure;
 pub mod replica;
 pub mod track360;
 
@@ -576,18 +577,8 @@ pub struct Usage {
     pub cpu: std::time::Duration,
 }
 
-/// The child's `VmHWM` (peak RSS of its own address space, KiB), while it lives.
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Runs `cmd` to completion and returns its output with its own peak RSS and CPU time.
-///
-/// Peak RSS is the child's `VmHWM`, read until it exits: `ru_maxrss` would not do, because
-/// Linux carries the parent's high-water mark into a spawned child across `exec`, so a test
-/// process holding a large data set would be charged to the child.
+/// Runs `cmd` to completion and returns its output with its own peak RSS and CPU time
+/// (`measure::reap`).
 pub fn run_measured(mut cmd: Command) -> Usage {
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
@@ -611,53 +602,17 @@ pub fn run_measured(mut cmd: Command) -> Usage {
             buf
         }),
     ];
-    // VmHWM only grows; the last reading before the exit is the peak, give or take the
-    // final millisecond. The process is not reaped until wait4 below, so the pid stays its.
-    let mut peak = 0;
-    loop {
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: WNOWAIT leaves the child to be reaped by wait4; `info` is a valid buffer.
-        let exited = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            ) == 0
-                && info.si_pid() != 0
-        };
-        if exited {
-            break;
-        }
-        if let Some(kib) = vm_hwm_kib(pid) {
-            peak = peak.max(kib);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    let mut status = 0;
-    // SAFETY: a zeroed rusage is valid; wait4 reaps this child, which std never waits for
-    // (the `Child` is dropped unwaited below). CPU times in rusage are the child's own.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let reaped = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-    assert_eq!(
-        reaped,
-        pid as libc::pid_t,
-        "wait4: {}",
-        std::io::Error::last_os_error()
-    );
+    let reaped = measure::reap(pid, std::time::Duration::from_millis(2));
+    // Reaped by `measure::reap`: std must not wait for it.
     drop(child);
     let [stdout, stderr] = readers.map(|r| r.join().unwrap());
-    let tv = |t: libc::timeval| {
-        std::time::Duration::from_secs(t.tv_sec as u64)
-            + std::time::Duration::from_micros(t.tv_usec as u64)
-    };
     Usage {
         output: std::process::Output {
-            status: std::process::ExitStatus::from_raw(status),
+            status: std::process::ExitStatus::from_raw(reaped.status),
             stdout,
             stderr,
         },
-        peak_rss_kib: peak,
-        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+        peak_rss_kib: reaped.peak_rss_kib,
+        cpu: reaped.cpu,
     }
 }
