@@ -8,7 +8,7 @@
 use jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error_span, info, warn};
 
 use crate::config::ConnectorPlan;
 use crate::model::{Entity, Record};
@@ -169,7 +169,9 @@ impl Runner<'_> {
             .store
             .start_run(broker, entity, kind, (window.from, window.to))
             .map_err(|source| self.store_error(entity, source))?;
-        let span = info_span!("run", broker = %broker, entity = %entity, run_id = run);
+        // At ERROR level so that it is on whenever any line is: `RUST_LOG=warn` would otherwise
+        // drop the span and with it the broker and entity from every warning of the run.
+        let span = error_span!("run", broker = %broker, entity = %entity, run_id = run);
         let started = std::time::Instant::now();
         let mut summary = RunSummary::default();
         let result = self
@@ -489,13 +491,17 @@ pub fn check(entity: Entity, mut original: Value, mapping: &Mapping) -> Result<V
 
 /// The key a rejected record is quarantined under: its natural key when its key fields are
 /// there (the same text `Record::key` gives, so that a fixed re-send finds and clears it),
-/// otherwise a digest of the record.
+/// otherwise (or when a key is too long to be one: a hostile page's megabyte string, which
+/// would fill every log line that names the key) a digest of the record.
 pub fn quarantine_key(entity: Entity, record: &Value) -> String {
+    const LONGEST_KEY: usize = 500;
     let parts: Option<Vec<String>> = entity
         .key_fields()
         .iter()
         .map(|field| match record.get(*field) {
-            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+            Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= LONGEST_KEY => {
+                Some(s.clone())
+            }
             Some(Value::Number(n)) => Some(n.to_string()),
             _ => None,
         })

@@ -19,6 +19,9 @@ use crate::normalise::pii::{PII_FIELDS, PiiAction, PiiPolicy};
 
 /// The largest page the guide's API serves.
 pub const MAX_PER_PAGE: u32 = 500;
+/// A page of 500 records is well under 1 MiB; 8 MiB leaves room for fat records and still
+/// bounds what a broker that never stops sending (or a gzip bomb) can make us hold.
+const DEFAULT_MAX_PAGE_MIB: i64 = 8;
 
 /// The daemon's settings, paths resolved.
 #[derive(Debug, Clone)]
@@ -132,6 +135,8 @@ pub struct RestPlan {
     pub connect_timeout: Duration,
     pub rate_limit: RateLimit,
     pub max_retry_time: Duration,
+    /// The largest page body read, decompressed: a page over it fails the run.
+    pub max_page_bytes: usize,
     pub auth: AuthPlan,
     pub paging: PagingPlan,
     pub params: QueryParams,
@@ -653,6 +658,16 @@ fn rest_plan(raw: &RawRest, problems: &mut Problems) -> Option<RestPlan> {
     );
     let max_retry_time =
         optional_duration(&raw.max_retry_time, "2m", "rest.max_retry_time", problems);
+    let max_page_bytes = match raw.max_page_mib.unwrap_or(DEFAULT_MAX_PAGE_MIB) {
+        n @ 1..=1024 => Some(n as usize * 1024 * 1024),
+        n => {
+            problems.add(
+                "rest.max_page_mib",
+                format!("must be between 1 and 1024 (MiB), found {n}"),
+            );
+            None
+        }
+    };
     let rate_limit = match &raw.rate_limit {
         None => Some(RateLimit {
             requests: 1000,
@@ -704,6 +719,7 @@ fn rest_plan(raw: &RawRest, problems: &mut Problems) -> Option<RestPlan> {
         connect_timeout: connect_timeout?.unsigned_abs(),
         rate_limit: rate_limit?,
         max_retry_time: max_retry_time?.unsigned_abs(),
+        max_page_bytes: max_page_bytes?,
         auth: auth?,
         paging: paging?,
         params,

@@ -148,6 +148,8 @@ pub struct RawRest {
     pub rate_limit: Option<toml::Value>,
     /// How long one request may keep being retried before the run fails.
     pub max_retry_time: Option<String>,
+    /// The largest page body accepted, in MiB (after decompression).
+    pub max_page_mib: Option<i64>,
     #[serde(default)]
     pub auth: RawAuth,
     #[serde(default)]

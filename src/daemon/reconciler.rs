@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, error_span, warn};
 
 use super::Context;
 use super::worker::EntityLock;
@@ -31,7 +31,8 @@ pub async fn reconciler(
     let Some(schedule) = plan.reconcile.schedule.clone() else {
         return;
     };
-    let span = info_span!("reconcile", broker = %plan.broker);
+    // ERROR level: on whenever any line is (see the engine's `run` span).
+    let span = error_span!("reconcile", broker = %plan.broker);
     let delete_gone = matches!(
         plan.sink.unwrap_or(ctx.default_sink),
         SinkKind::Sqlite | SinkKind::Both

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error_span, info, warn};
 
 use super::Context;
 use crate::config::ConnectorPlan;
@@ -30,7 +30,8 @@ pub async fn worker(
     stop: CancellationToken,
 ) {
     let broker = plan.broker.clone();
-    let span = info_span!("schedule", broker = %broker, entity = %entity);
+    // ERROR level: on whenever any line is (see the engine's `run` span).
+    let span = error_span!("schedule", broker = %broker, entity = %entity);
     async move {
         let schedule = &plan.schedules[entity as usize];
         // Catch-up: a run missed while the daemon was down (or never done) happens at once.

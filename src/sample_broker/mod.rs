@@ -89,6 +89,18 @@ pub struct Observed {
 /// A test's hook, run after the broker served the `after`-th request for `entity`.
 type Hook = Box<dyn FnOnce(&mut Dataset) + Send>;
 
+/// An answer a test makes the broker give instead of its own: hostile or broken bodies.
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+/// Decides, from the entity's request number (1-based) and the query, whether a request gets
+/// a raw answer instead of the broker's own.
+type Answerer = Box<dyn Fn(u64, &HashMap<String, String>) -> Option<RawAnswer> + Send + Sync>;
+
 struct RateWindow {
     limit: usize,
     window: Duration,
@@ -107,6 +119,7 @@ struct Shared {
     delay: Mutex<Duration>,
     requests: [AtomicU64; 3],
     hooks: Mutex<Vec<(Entity, u64, Hook)>>,
+    answerers: Mutex<[Option<Arc<Answerer>>; 3]>,
     /// Per entity: how many of the next requests fail, and with which status.
     failures: Mutex<[(u32, u16); 3]>,
     /// A page size the broker silently caps `per_page` to, leaving `meta.per_page` out.
@@ -149,6 +162,7 @@ impl SampleBroker {
             delay: Mutex::new(Duration::ZERO),
             requests: Default::default(),
             hooks: Mutex::new(Vec::new()),
+            answerers: Mutex::new([None, None, None]),
             failures: Mutex::new([(0, 200); 3]),
             cap: Mutex::new(None),
             faults: Mutex::new(Faults::default()),
@@ -209,6 +223,16 @@ impl SampleBroker {
     }
 
     /// Answers the next `count` requests for `entity` with HTTP `status` (a broker outage).
+    /// Lets `answer` replace the broker's answers to `entity`'s requests: where it returns
+    /// a `RawAnswer`, that is sent as is (after the rate limit and auth, counted as served).
+    pub fn answer_with(
+        &self,
+        entity: Entity,
+        answer: impl Fn(u64, &HashMap<String, String>) -> Option<RawAnswer> + Send + Sync + 'static,
+    ) {
+        lock(&self.shared.answerers)[entity as usize] = Some(Arc::new(Box::new(answer)));
+    }
+
     pub fn fail_next(&self, entity: Entity, count: u32, status: u16) {
         lock(&self.shared.failures)[entity as usize] = (count, status);
     }
@@ -373,6 +397,15 @@ async fn answer_request(
     }
     if let Some(status) = take_failure(shared, entity) {
         return error(status, "injected failure");
+    }
+    let answerer = lock(&shared.answerers)[entity as usize].clone();
+    if let Some(answerer) = answerer {
+        let n = shared.requests[entity as usize].load(Ordering::SeqCst) + 1;
+        if let Some(raw) = answerer(n, query) {
+            shared.requests[entity as usize].fetch_add(1, Ordering::SeqCst);
+            let status = StatusCode::from_u16(raw.status).unwrap_or(StatusCode::OK);
+            return (status, [(header::CONTENT_TYPE, raw.content_type)], raw.body).into_response();
+        }
     }
     let faults = *lock(&shared.faults);
     let roll = || {

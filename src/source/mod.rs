@@ -80,6 +80,12 @@ pub enum SourceError {
     BadPage { url: String, message: String },
     #[error("GET {url}: {message}")]
     Unstable { url: String, message: String },
+    /// A page body over the connector's `max_page_mib`: asking again would not make it smaller.
+    #[error(
+        "GET {url}: the page is larger than {} MiB (rest.max_page_mib); lower rest.per_page or raise the limit",
+        limit / (1024 * 1024)
+    )]
+    Oversized { url: String, limit: usize },
     #[error("{url}: {message}")]
     Auth { url: String, message: String },
     /// A database query failed (`origin` names the database, never with a password).
@@ -102,7 +108,9 @@ impl SourceError {
             // A body cut short by a dropped connection parses as bad JSON; asking again is
             // cheap, and a broker that always answers garbage runs out of retry time.
             SourceError::BadPage { .. } => true,
-            SourceError::Unstable { .. } | SourceError::Auth { .. } => false,
+            SourceError::Unstable { .. }
+            | SourceError::Oversized { .. }
+            | SourceError::Auth { .. } => false,
             SourceError::Query { retryable, .. } => *retryable,
         }
     }

@@ -29,6 +29,7 @@ pub struct HttpClient {
     auth: Auth,
     limiter: DefaultDirectRateLimiter,
     max_retry_time: Duration,
+    max_page_bytes: usize,
     broker: String,
 }
 
@@ -53,6 +54,7 @@ impl HttpClient {
             client,
             limiter: RateLimiter::direct(http::quota(plan.rate_limit)),
             max_retry_time: plan.max_retry_time,
+            max_page_bytes: plan.max_page_bytes,
             broker: broker.to_owned(),
         })
     }
@@ -60,6 +62,11 @@ impl HttpClient {
     /// The URL as logs and errors show it: as sent, with secret values redacted.
     pub fn shown(&self, url: &Url) -> String {
         self.auth.shown(&self.auth.url(url))
+    }
+
+    /// `text` with the connector's static secrets, if it holds one, redacted.
+    pub fn scrub(&self, text: String) -> String {
+        self.auth.scrub(text)
     }
 
     /// GETs `url` and parses the JSON body, retrying what may pass.
@@ -89,7 +96,7 @@ impl HttpClient {
             })
             .notify(|e: &SourceError, after: Duration| {
                 telemetry::retry(broker, entity);
-                warn!(broker = %broker, error = %e, retry_in_ms = after.as_millis() as u64, "Request failed; retrying.");
+                warn!(broker = %broker, entity = %entity, error = %e, retry_in_ms = after.as_millis() as u64, "Request failed; retrying.");
             })
             .await
     }
@@ -121,7 +128,15 @@ impl HttpClient {
         let status = response.status();
         telemetry::http_request(&self.broker, entity, status.as_str());
         let headers = response.headers().clone();
-        let body = response.bytes().await.map_err(transport)?;
+        let body = read_capped(response, self.max_page_bytes)
+            .await
+            .map_err(|e| match e {
+                Capped::Transport(e) => transport(e),
+                Capped::Over => SourceError::Oversized {
+                    url: shown.clone(),
+                    limit: self.max_page_bytes,
+                },
+            })?;
         if status == StatusCode::UNAUTHORIZED
             && !refreshed.swap(true, Ordering::Relaxed)
             && self.auth.refused(token.as_ref()).await
@@ -152,6 +167,27 @@ impl HttpClient {
             link_next: link_next(&headers),
         })
     }
+}
+
+enum Capped {
+    Transport(reqwest::Error),
+    Over,
+}
+
+/// The body, decompressed, read chunk by chunk and given up past `limit` bytes: neither a
+/// broker that never stops sending nor a small gzip bomb makes us hold more than the limit.
+async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, Capped> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(Capped::Over);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(Capped::Transport)? {
+        if body.len() + chunk.len() > limit {
+            return Err(Capped::Over);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The target of `Link: <…>; rel="next"`.

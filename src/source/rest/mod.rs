@@ -12,7 +12,7 @@ use crate::config::RestPlan;
 use crate::model::Entity;
 use crate::source::{Pager, Source, Window};
 
-pub use client::parse_link_next;
+pub use client::{Fetched, HttpClient, parse_link_next};
 pub use pager::RestPager;
 
 /// A broker's REST API: one HTTP client (connection pool, rate limiter, token) per connector.

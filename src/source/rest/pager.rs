@@ -20,6 +20,12 @@
 //!   window before our position (the anchors move back) and records added before it (they move
 //!   forward) are both handled, with or without a `total`. If no anchor is found they moved by
 //!   more than the overlap: the pager steps back a page and looks again.
+//!
+//! Whatever the style, a broker that answers a new request with the page it just served (it
+//! ignores the paging parameter) or with a loop of cursors or links is stopped, not followed
+//! forever; a 200 whose body is an error envelope, or has no record array and no paging
+//! fields, fails the run instead of passing for an empty page (which would move the cursor
+//! past records never read).
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -32,6 +38,7 @@ use tracing::warn;
 use super::client::{Fetched, HttpClient};
 use crate::config::RestPlan;
 use crate::config::plan::PagingStyle;
+use crate::http;
 use crate::model::Entity;
 use crate::normalise::format_instant;
 use crate::sink::BoxFuture;
@@ -70,6 +77,11 @@ pub struct RestPager<'a> {
     offset: u64,
     /// …and the identities of the last `overlap` of them.
     anchors: VecDeque<u64>,
+    /// The last page served (its length, first and last record), to spot a broker that
+    /// answers every request with the same page…
+    last_page: Option<(usize, Value, Value)>,
+    /// …unless the next request deliberately reads again (a step back).
+    rereading: bool,
 }
 
 impl<'a> RestPager<'a> {
@@ -100,6 +112,8 @@ impl<'a> RestPager<'a> {
             step_backs: 0,
             offset: 0,
             anchors: VecDeque::new(),
+            last_page: None,
+            rereading: false,
         }
     }
 
@@ -143,11 +157,21 @@ impl<'a> RestPager<'a> {
         url
     }
 
-    /// Reads the page and decides what comes next.
-    fn advance(&mut self, url: &Url, fetched: Fetched) -> Result<Vec<Value>, SourceError> {
+    /// Reads the page `url` answered with: returns its records and decides where the next
+    /// request goes.
+    pub fn advance(&mut self, url: &Url, fetched: Fetched) -> Result<Vec<Value>, SourceError> {
         let paging = &self.plan.paging;
         let shown = || self.http.shown(url);
         let mut body = fetched.body;
+        if let Some(error) = error_envelope(&body, &paging.records) {
+            return Err(SourceError::BadPage {
+                url: shown(),
+                message: format!(
+                    "HTTP 200 with an error in the body: {}",
+                    self.http.scrub(http::snippet(error.to_string().as_bytes()))
+                ),
+            });
+        }
         let read = |pointer: &Option<String>| pointer.as_deref().and_then(|p| body.pointer(p));
         let total = read(&paging.total).and_then(as_count);
         let has_more = read(&paging.has_more).and_then(Value::as_bool);
@@ -156,11 +180,28 @@ impl<'a> RestPager<'a> {
             .and_then(Value::as_str)
             .filter(|c| !c.is_empty())
             .map(str::to_owned);
+        let paging_fields = [&paging.total, &paging.has_more, &paging.next_cursor]
+            .into_iter()
+            .any(|p| read(p).is_some());
         // Taken out of the body, not copied: the rest of the body is read above.
         let records = match body.pointer_mut(&paging.records).map(Value::take) {
             Some(Value::Array(records)) => records,
-            // A null or missing record array on the last page means "nothing more" (dlt #2932).
-            Some(Value::Null) | None => Vec::new(),
+            // A null record array, or none beside the paging fields, on the last page means
+            // "nothing more" (dlt #2932)…
+            Some(Value::Null) => Vec::new(),
+            None if paging_fields => Vec::new(),
+            // …but a body with neither is not a page: taking it for an empty one would move
+            // the cursor past the window unread.
+            None => {
+                return Err(SourceError::BadPage {
+                    url: shown(),
+                    message: format!(
+                        "no record array at `{}` and no paging fields: {}",
+                        paging.records,
+                        self.http.scrub(http::snippet(body.to_string().as_bytes()))
+                    ),
+                });
+            }
             Some(_) => {
                 return Err(SourceError::BadPage {
                     url: shown(),
@@ -168,6 +209,14 @@ impl<'a> RestPager<'a> {
                 });
             }
         };
+        let rereading = std::mem::take(&mut self.rereading);
+        let page = match (records.first(), records.last()) {
+            (Some(first), Some(last)) => Some((records.len(), first.clone(), last.clone())),
+            _ => None,
+        };
+        let repeated = page.is_some() && page == self.last_page && !rereading;
+        self.last_page = page;
+        let style_before = self.style;
 
         if self.style == PagingStyle::Auto {
             self.style = if fetched.link_next.is_some() {
@@ -209,6 +258,18 @@ impl<'a> RestPager<'a> {
             PagingStyle::Page => self.next_page_number(url, finished, total)?,
             PagingStyle::Offset => self.next_offset(url, &records, finished, total)?,
         };
+        // The broker ignoring a cursor serves the first page again: the pager has just
+        // switched to page numbers for that, which is not a loop.
+        let fell_back = style_before == PagingStyle::Cursor && self.style == PagingStyle::Page;
+        if repeated && !fell_back {
+            return Err(self.unstable(
+                url,
+                format!(
+                    "the broker answered with the page it served before ({} records, the same first and last): it ignores the paging parameters; not reading it forever",
+                    records.len()
+                ),
+            ));
+        }
         Ok(records)
     }
 
@@ -348,6 +409,7 @@ impl<'a> RestPager<'a> {
     }
 
     fn step_back(&mut self, url: &Url) -> Result<(), SourceError> {
+        self.rereading = true;
         self.step_backs += 1;
         if self.step_backs > MAX_STEP_BACKS {
             return Err(self.unstable(
@@ -381,6 +443,36 @@ impl Pager for RestPager<'_> {
             }))
         })
     }
+}
+
+/// The error a 200 carries in its body, in the envelopes brokers use: `error`/`errors` set,
+/// `success: false`, or `status: "error"`. None where the records themselves live there.
+fn error_envelope<'b>(body: &'b Value, records: &str) -> Option<&'b Value> {
+    let object = body.as_object()?;
+    let set = |v: &&Value| match v {
+        Value::Null | Value::Bool(false) => false,
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        _ => true,
+    };
+    for key in ["error", "errors"] {
+        if !records.starts_with(&format!("/{key}"))
+            && let Some(error) = object.get(key).filter(set)
+        {
+            return Some(error);
+        }
+    }
+    let failed = object.get("success") == Some(&Value::Bool(false))
+        || object
+            .get("status")
+            .and_then(Value::as_str)
+            .is_some_and(|s| {
+                ["error", "fail", "failed", "failure"]
+                    .iter()
+                    .any(|e| s.eq_ignore_ascii_case(e))
+            });
+    failed.then_some(body)
 }
 
 fn as_count(value: &Value) -> Option<u64> {
