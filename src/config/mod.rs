@@ -197,7 +197,16 @@ pub fn load_connectors(settings: &Settings) -> (Vec<ConnectorPlan>, Vec<ConfigEr
 pub fn load_connector(file: &Path, settings: &Settings) -> Result<ConnectorPlan, Vec<ConfigError>> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| vec![ConfigError::new(file, "", format!("cannot read: {e}"))])?;
-    let deserializer = toml::Deserializer::parse(&text)
+    parse_connector(&text, file, settings)
+}
+
+/// A connector file's text, `file` naming it in messages: its plan, or every problem in it.
+pub fn parse_connector(
+    text: &str,
+    file: &Path,
+    settings: &Settings,
+) -> Result<ConnectorPlan, Vec<ConfigError>> {
+    let deserializer = toml::Deserializer::parse(text)
         .map_err(|e| vec![ConfigError::new(file, "", one_line(&e.to_string()))])?;
     let raw: RawConnector = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let key = e.path().to_string();
@@ -215,7 +224,7 @@ pub fn load_connector(file: &Path, settings: &Settings) -> Result<ConnectorPlan,
     let plan = plan::connector_plan(raw, &settings.sync, file, &mut problems);
     match plan {
         Some(mut plan) if problems.found.is_empty() => {
-            plan.fingerprint = fingerprint(&text);
+            plan.fingerprint = fingerprint(text);
             Ok(plan)
         }
         _ => Err(problems.found),
