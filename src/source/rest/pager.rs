@@ -259,9 +259,10 @@ impl<'a> RestPager<'a> {
             PagingStyle::Offset => self.next_offset(url, &records, finished, total)?,
         };
         // The broker ignoring a cursor serves the first page again: the pager has just
-        // switched to page numbers for that, which is not a loop.
+        // switched to page numbers for that, which is not a loop. Nor is a page that repeats
+        // because records moved by exactly a page: the pager has just stepped back for that.
         let fell_back = style_before == PagingStyle::Cursor && self.style == PagingStyle::Page;
-        if repeated && !fell_back {
+        if repeated && !fell_back && !self.rereading {
             return Err(self.unstable(
                 url,
                 format!(
