@@ -145,7 +145,17 @@ pub async fn connector(
     env: &[(String, String)],
 ) -> anyhow::Result<ChildStats> {
     let log = std::fs::File::create(setup.log())?;
-    let mut command = Command::new(BINARY);
+    // `T360_BENCH_WRAP="valgrind --tool=callgrind"`: the connector under a profiler.
+    let wrap = std::env::var("T360_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(BINARY);
+            c
+        }
+        None => Command::new(BINARY),
+    };
     command
         .arg("-c")
         .arg(setup.dir.join("settings.toml"))

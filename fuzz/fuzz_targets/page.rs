@@ -2,7 +2,8 @@
 //! pager (records, paging fields, loop and error-envelope checks) of the shipped standard and
 //! legacy connectors, three times over as if the broker served it again, and every record
 //! mapped (each converter of the legacy connector: epoch and zoned naive times, decimal
-//! strings, unit scaling, enum maps, nested paths) and validated.
+//! strings, unit scaling, enum maps, nested paths) and validated; the records are also mapped
+//! with the PostgreSQL example's mapping (enum codes, hashed personal data).
 #![no_main]
 
 use std::path::Path;
@@ -21,11 +22,27 @@ struct Connector {
     http: HttpClient,
 }
 
+fn settings() -> config::Settings {
+    // The example connectors' secrets; nothing is ever requested.
+    for var in [
+        "LEGACY_BROKER_CLIENT_SECRET",
+        "POSTGRES_CRM_PASSWORD",
+        "POSTGRES_CRM_HASH_KEY",
+    ] {
+        unsafe { std::env::set_var(var, "fuzz") };
+    }
+    config::load_settings(None).expect("default settings")
+}
+
+/// A mapping that is not a REST connector's: the PostgreSQL example's.
+static SQL_MAPPING: LazyLock<ConnectorPlan> = LazyLock::new(|| {
+    let text = include_str!("../../connectors/examples/postgres-crm.toml");
+    config::parse_connector(text, Path::new("postgres-crm.toml"), &settings()).expect("example")
+});
+
 static CONNECTORS: LazyLock<Vec<Connector>> = LazyLock::new(|| {
-    // The legacy connector's OAuth2 secret; nothing is ever requested.
-    unsafe { std::env::set_var("LEGACY_BROKER_CLIENT_SECRET", "fuzz") };
     ensure_crypto_provider();
-    let settings = config::load_settings(None).expect("default settings");
+    let settings = settings();
     [
         ("sample-broker.toml", include_str!("../../connectors/sample-broker.toml")),
         ("legacy-broker.toml", include_str!("../../connectors/legacy-broker.toml")),
@@ -46,6 +63,12 @@ fuzz_target!(|data: &[u8]| {
     let Ok(body) = serde_json::from_slice::<Value>(data) else {
         return;
     };
+    let rows = body.pointer("/data").unwrap_or(&body);
+    for row in rows.as_array().into_iter().flatten() {
+        for entity in Entity::ALL {
+            let _ = engine::check(entity, row.clone(), &SQL_MAPPING.mapping);
+        }
+    }
     let window = Window {
         from: jiff::Timestamp::UNIX_EPOCH,
         to: jiff::Timestamp::from_second(1_800_000_000).unwrap(),
