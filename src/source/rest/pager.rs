@@ -450,8 +450,10 @@ impl Pager for RestPager<'_> {
 /// `success: false`, or `status: "error"`. None where the records themselves live there.
 fn error_envelope<'b>(body: &'b Value, records: &str) -> Option<&'b Value> {
     let object = body.as_object()?;
+    // `"error": 0`, `false`, `null`, `""`, `[]` and `{}` are how some brokers say "none".
     let set = |v: &&Value| match v {
         Value::Null | Value::Bool(false) => false,
+        Value::Number(n) => n.as_f64() != Some(0.0),
         Value::String(s) => !s.is_empty(),
         Value::Array(a) => !a.is_empty(),
         Value::Object(o) => !o.is_empty(),
@@ -488,4 +490,34 @@ fn identity(record: &Value) -> u64 {
     let mut hasher = DefaultHasher::new();
     record.to_string().hash(&mut hasher);
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn error_envelopes_are_told_from_pages() {
+        for body in [
+            json!({"error": {"code": 503}, "data": []}),
+            json!({"errors": [{"message": "db down"}]}),
+            json!({"error": "timeout"}),
+            json!({"success": false, "data": []}),
+            json!({"status": "Error", "message": "try later"}),
+        ] {
+            assert!(error_envelope(&body, "/data").is_some(), "{body}");
+        }
+        for body in [
+            json!({"data": [], "meta": {"total": 0}}),
+            json!({"error": 0, "data": []}),
+            json!({"error": null, "errors": [], "success": true, "status": "ok", "data": []}),
+            json!([{"customer_id": "C1"}]),
+        ] {
+            assert!(error_envelope(&body, "/data").is_none(), "{body}");
+        }
+        // Records that live under `errors` are records.
+        let body = json!({"errors": [{"id": 1}]});
+        assert!(error_envelope(&body, "/errors").is_none());
+    }
 }
