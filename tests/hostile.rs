@@ -59,8 +59,21 @@ fn json_answer(body: impl Into<Vec<u8>>) -> RawAnswer {
     RawAnswer {
         status: 200,
         content_type: "application/json",
+        content_encoding: None,
         body: body.into(),
     }
+}
+
+/// `{"data": [` and then 64 MiB of spaces, gzipped.
+fn gzip_bomb() -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(b"{\"data\": [").unwrap();
+    let spaces = vec![b' '; 1 << 20];
+    for _ in 0..64 {
+        encoder.write_all(&spaces).unwrap();
+    }
+    encoder.finish().unwrap()
 }
 
 /// The broker's own first page of transactions, as it serves it.
@@ -150,6 +163,7 @@ async fn a_broken_page_fails_the_run_by_name_and_loses_nothing() {
             RawAnswer {
                 status: 200,
                 content_type: "text/html",
+                content_encoding: None,
                 body: b"<html><body><h1>502 Bad Gateway</h1></body></html>".to_vec(),
             },
         ),
@@ -183,6 +197,17 @@ async fn a_broken_page_fails_the_run_by_name_and_loses_nothing() {
             json_answer(
                 json!({"data": [{"transaction_id": "x".repeat(10 << 20)}], "meta": {}}).to_string(),
             ),
+        ),
+        (
+            // 64 MiB of spaces in 64 KiB of gzip: the limit holds for what it decodes to.
+            "a gzip bomb",
+            "larger than 8 MiB",
+            RawAnswer {
+                status: 200,
+                content_type: "application/json",
+                content_encoding: Some("gzip"),
+                body: gzip_bomb(),
+            },
         ),
     ];
     let env = hostile_env(Paging::PageNumber).await;

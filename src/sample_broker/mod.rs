@@ -94,6 +94,8 @@ type Hook = Box<dyn FnOnce(&mut Dataset) + Send>;
 pub struct RawAnswer {
     pub status: u16,
     pub content_type: &'static str,
+    /// Sent as `Content-Encoding` (the body is already encoded), e.g. `gzip`.
+    pub content_encoding: Option<&'static str>,
     pub body: Vec<u8>,
 }
 
@@ -404,7 +406,15 @@ async fn answer_request(
         if let Some(raw) = answerer(n, query) {
             shared.requests[entity as usize].fetch_add(1, Ordering::SeqCst);
             let status = StatusCode::from_u16(raw.status).unwrap_or(StatusCode::OK);
-            return (status, [(header::CONTENT_TYPE, raw.content_type)], raw.body).into_response();
+            let mut response =
+                (status, [(header::CONTENT_TYPE, raw.content_type)], raw.body).into_response();
+            if let Some(encoding) = raw.content_encoding {
+                response.headers_mut().insert(
+                    header::CONTENT_ENCODING,
+                    header::HeaderValue::from_static(encoding),
+                );
+            }
+            return response;
         }
     }
     let faults = *lock(&shared.faults);
