@@ -27,6 +27,17 @@ impl Schedule {
     /// Standard 5-field cron (`*/5 * * * *`) or 6-field with seconds first (`*/10 * * * * *`);
     /// day-of-month and day-of-week combine with OR, as in Vixie cron.
     pub fn parse(text: &str, zone: TimeZone) -> Result<Schedule, String> {
+        // croner takes an empty list item (`1,,2`, a lone `,`) for a field that matches nothing,
+        // then searches years of fire times before saying the expression never fires: a
+        // quarter of a second per `check`, over ten seconds under a fuzzer's sanitizer.
+        if let Some(field) = text
+            .split_whitespace()
+            .find(|f| f.split(',').any(str::is_empty))
+        {
+            return Err(format!(
+                "`{text}` is not a cron expression: field `{field}` has an empty list item"
+            ));
+        }
         let cron = CronParser::builder()
             .seconds(Seconds::Optional)
             .build()
@@ -87,6 +98,24 @@ mod tests {
 
     fn at(text: &str) -> Timestamp {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn empty_list_items_are_refused_before_any_search() {
+        // Found by the `cron` fuzz target (a timeout): each took 0.17–0.27 s to be called
+        // "never fires", minutes under AddressSanitizer.
+        for text in [
+            "2 ,  , * *  * \t*\t",
+            " 2 , *  * *",
+            "1,,2 * * * *",
+            "0 0 1, * *",
+        ] {
+            for zone in [TimeZone::UTC, TimeZone::get("Europe/Athens").unwrap()] {
+                let e = Schedule::parse(text, zone).unwrap_err();
+                assert!(e.contains("has an empty list item"), "{text:?}: {e}");
+            }
+        }
+        assert!(Schedule::parse("1,2 * * * *", TimeZone::UTC).is_ok());
     }
 
     #[test]
