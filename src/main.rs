@@ -8,10 +8,6 @@ use t360_connector::cli::{Cli, Command, LogFormat};
 use t360_connector::commands;
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc: a record's many short-lived allocations cost a third of what glibc's malloc spent.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit codes: 0 success, 1 a sync or command failed, 2 bad configuration or arguments.
 const FAILED: u8 = 1;
 const BAD_CONFIG: u8 = 2;
