@@ -345,3 +345,37 @@ async fn bad_records_are_quarantined_by_name_and_the_rest_stored() {
     let truth = env.truth(Entity::Transactions);
     assert_eq!(stored.len(), truth.len() - 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warnings_beside_records_pass_when_error_envelopes_are_off() {
+    let env = Env::start(
+        dataset(30),
+        Paging::PageNumber,
+        Connector {
+            per_page: 10,
+            rest_extra: "[rest.paging]\nerror_envelope = false\n".into(),
+            ..Connector::default()
+        },
+    )
+    .await;
+    env.sync_entity(Entity::Customers).await.unwrap();
+    let url = format!(
+        "{}/api/v1/forex/transactions?per_page=10&page=1&last_modified_from=1970-01-01T00:00:00Z",
+        env.broker.base_url()
+    );
+    let mut page: Value =
+        serde_json::from_str(&reqwest::get(url).await.unwrap().text().await.unwrap()).unwrap();
+    page["errors"] = json!([{"warning": "field `tag` is deprecated"}]);
+    let start = env.broker.requests(Entity::Transactions);
+    env.broker.answer_with(Entity::Transactions, move |n, _| {
+        (n == start + 1).then(|| json_answer(page.to_string()))
+    });
+    env.sync_entity(Entity::Transactions)
+        .await
+        .expect("warnings in `errors` are not an error here");
+    assert_same(
+        Entity::Transactions,
+        &env.rows(Entity::Transactions),
+        &env.truth(Entity::Transactions),
+    );
+}

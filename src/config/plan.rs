@@ -174,6 +174,8 @@ pub struct PagingPlan {
     pub page_size: Option<String>,
     /// Offset style: how many records of the previous page each request reads again.
     pub overlap: u32,
+    /// Whether a 200 whose body is an error envelope fails the run.
+    pub error_envelope: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -851,6 +853,7 @@ fn paging_plan(raw: &RawRest, problems: &mut Problems) -> Option<PagingPlan> {
         has_more,
         page_size,
         overlap: overlap?,
+        error_envelope: p.error_envelope.unwrap_or(true),
     })
 }
 

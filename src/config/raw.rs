@@ -212,6 +212,9 @@ pub struct RawPaging {
     pub page_size: Option<String>,
     /// offset style: records re-read from the previous page to detect records that moved.
     pub overlap: Option<i64>,
+    /// Whether a 200 with `error`/`errors` set, `success: false` or `status: "error"` fails
+    /// the run (default true); false for a broker that lists warnings there beside its records.
+    pub error_envelope: Option<bool>,
 }
 
 /// Names of the query parameters the broker's API takes, and its time format.
