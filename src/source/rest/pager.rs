@@ -185,13 +185,15 @@ impl<'a> RestPager<'a> {
         let paging_fields = [&paging.total, &paging.has_more, &paging.next_cursor]
             .into_iter()
             .any(|p| read(p).is_some());
+        // `{"result": null}` for `/result/items`: an explicit nothing, like a null array.
+        let null_parent = null_ancestor(&body, &paging.records);
         // Taken out of the body, not copied: the rest of the body is read above.
         let records = match body.pointer_mut(&paging.records).map(Value::take) {
             Some(Value::Array(records)) => records,
             // A null record array, or none beside the paging fields, on the last page means
             // "nothing more" (dlt #2932)…
             Some(Value::Null) => Vec::new(),
-            None if paging_fields => Vec::new(),
+            None if paging_fields || null_parent => Vec::new(),
             // …but a body with neither is not a page: taking it for an empty one would move
             // the cursor past the window unread.
             None => {
@@ -480,6 +482,14 @@ fn error_envelope<'b>(body: &'b Value, records: &str) -> Option<&'b Value> {
     failed.then_some(body)
 }
 
+/// Whether a proper prefix of `pointer` holds `null` in `body`.
+fn null_ancestor(body: &Value, pointer: &str) -> bool {
+    pointer
+        .match_indices('/')
+        .skip(1)
+        .any(|(at, _)| body.pointer(&pointer[..at]) == Some(&Value::Null))
+}
+
 fn as_count(value: &Value) -> Option<u64> {
     value
         .as_u64()
@@ -518,6 +528,9 @@ mod tests {
         ] {
             assert!(error_envelope(&body, "/data").is_none(), "{body}");
         }
+        assert!(null_ancestor(&json!({"result": null}), "/result/items"));
+        assert!(!null_ancestor(&json!({"result": {}}), "/result/items"));
+        assert!(!null_ancestor(&json!({"message": "down"}), "/data"));
         // Records that live under `errors` are records.
         let body = json!({"errors": [{"id": 1}]});
         assert!(error_envelope(&body, "/errors").is_none());
