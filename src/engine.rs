@@ -494,12 +494,15 @@ pub fn check(entity: Entity, mut original: Value, mapping: &Mapping) -> Result<V
 /// otherwise (or when a key is too long to be one: a hostile page's megabyte string, which
 /// would fill every log line that names the key) a digest of the record.
 pub fn quarantine_key(entity: Entity, record: &Value) -> String {
+    // Characters, as validation counts them: a valid key of 300 CJK characters is 900 bytes.
     const LONGEST_KEY: usize = 500;
     let parts: Option<Vec<String>> = entity
         .key_fields()
         .iter()
         .map(|field| match record.get(*field) {
-            Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= LONGEST_KEY => {
+            Some(Value::String(s))
+                if !s.trim().is_empty() && s.chars().nth(LONGEST_KEY).is_none() =>
+            {
                 Some(s.clone())
             }
             Some(Value::Number(n)) => Some(n.to_string()),
@@ -513,5 +516,24 @@ pub fn quarantine_key(entity: Entity, record: &Value) -> String {
             let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
             format!("sha256:{hex}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_quarantine_key_is_the_natural_key_unless_it_is_too_long_to_be_one() {
+        // 300 CJK characters (900 bytes) are a valid key: a fixed re-send finds it.
+        let cjk = "客".repeat(300);
+        assert_eq!(
+            quarantine_key(Entity::Customers, &json!({"customer_id": cjk})),
+            cjk
+        );
+        let huge = "x".repeat(501);
+        let key = quarantine_key(Entity::Customers, &json!({"customer_id": huge}));
+        assert!(key.starts_with("sha256:"), "{key}");
     }
 }

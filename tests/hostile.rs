@@ -89,7 +89,13 @@ async fn first_page(env: &Env) -> Value {
 /// Runs a transactions sync whose second page gets `bad` (each time it is asked for), or
 /// every request after the first if `forever`, and checks what the operator and the store
 /// see; then lets the broker behave.
-fn assert_fails_cleanly(env: &Env, what: &str, expected: &str, bad: RawAnswer, forever: bool) {
+fn assert_fails_cleanly(
+    env: &Env,
+    what: &str,
+    expected: &str,
+    bad: impl Fn(u64) -> RawAnswer + Send + Sync + 'static,
+    forever: bool,
+) {
     let start = env.broker.requests(Entity::Transactions);
     env.broker
         .answer_with(Entity::Transactions, move |n, query| {
@@ -98,7 +104,7 @@ fn assert_fails_cleanly(env: &Env, what: &str, expected: &str, bad: RawAnswer, f
             } else {
                 query.get("page").map(String::as_str) == Some("2")
             };
-            hostile.then(|| bad.clone())
+            hostile.then(|| bad(n))
         });
     let out = sync_transactions(env);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -182,6 +188,11 @@ async fn a_broken_page_fails_the_run_by_name_and_loses_nothing() {
             json_answer(json!({"status": "error", "message": "try later"}).to_string()),
         ),
         (
+            "an empty page short of its own total",
+            "an empty page, yet the page says more remain",
+            json_answer(json!({"data": [], "meta": {"total": 60}}).to_string()),
+        ),
+        (
             "a body that is not a page",
             "no record array at `/data`",
             json_answer(json!({"message": "Internal Server Error"}).to_string()),
@@ -219,40 +230,31 @@ async fn a_broken_page_fails_the_run_by_name_and_loses_nothing() {
         )
         .unwrap();
         drop(db);
-        assert_fails_cleanly(&env, what, expected, bad, false);
+        assert_fails_cleanly(&env, what, expected, move |_| bad.clone(), false);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_that_never_ends_is_detected_not_followed() {
-    let mut loops: Vec<(&str, Paging, Value)> = Vec::new();
-    // The same page for every page number (the broker ignores `page`).
-    loops.push((
-        "a repeated page",
-        Paging::PageNumber,
-        json!({"total": 1_000_000}),
-    ));
-    // The same records with a new cursor every time.
-    loops.push((
-        "an endless next_cursor",
-        Paging::Cursor,
-        json!({"next_cursor": "loop"}),
-    ));
-    for (what, paging, meta) in loops {
+    // The same page for every page number (the broker ignores `page`), and the same records
+    // with a new cursor every time (only the repeat can tell).
+    for (what, paging) in [
+        ("a repeated page", Paging::PageNumber),
+        ("an endless next_cursor", Paging::Cursor),
+    ] {
         let env = hostile_env(paging).await;
         let mut body = first_page(&env).await;
-        for (k, v) in meta.as_object().unwrap() {
-            body["meta"][k] = v.clone();
-        }
+        body["meta"]["total"] = json!(1_000_000);
+        let answer = move |n: u64| {
+            let mut body = body.clone();
+            if paging == Paging::Cursor {
+                body["meta"]["next_cursor"] = json!(format!("loop-{n}"));
+            }
+            json_answer(body.to_string())
+        };
         let requests = env.broker.requests(Entity::Transactions);
-        assert_fails_cleanly(
-            &env,
-            what,
-            "the page it served before",
-            json_answer(body.to_string()),
-            true,
-        );
-        // Two pages of it and the recovery run's pages: no more.
+        assert_fails_cleanly(&env, what, "the page it served before", answer, true);
+        // A few repeats of it and the recovery run's pages: no more.
         assert!(
             env.broker.requests(Entity::Transactions) - requests < 20,
             "{what}: followed for {} requests",
@@ -336,7 +338,8 @@ async fn bad_records_are_quarantined_by_name_and_the_rest_stored() {
         .lines()
         .find(|l| l.contains("Records quarantined"))
         .unwrap_or_else(|| panic!("no quarantine line in: {stderr}"));
-    for part in ["acme", "transactions", "apikey=REDACTED"] {
+    // The broker and entity from the run's span, the URL from the page.
+    for part in ["broker=acme", "entity=transactions", "apikey=REDACTED"] {
         assert!(line.contains(part), "`{part}` missing from: {line}");
     }
     assert!(line.len() < 4_000, "the line carries the record's bulk");
@@ -377,5 +380,58 @@ async fn warnings_beside_records_pass_when_error_envelopes_are_off() {
         Entity::Transactions,
         &env.rows(Entity::Transactions),
         &env.truth(Entity::Transactions),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_page_served_again_or_left_out_ends_the_window_where_configured() {
+    // A broker that answers a page past the end with the last page again (Django's
+    // `get_page`), and one that leaves the record array out of an empty page, with
+    // `missing_is_empty`: both end the window, and the store is complete.
+    let env = Env::start(
+        dataset(30),
+        Paging::PageNumber,
+        Connector {
+            per_page: 7,
+            rest_extra: "[rest.paging]\ntotal = \"/meta/none\"\nmissing_is_empty = true\n".into(),
+            ..Connector::default()
+        },
+    )
+    .await;
+    env.sync_entity(Entity::Customers).await.unwrap();
+    let base = env.broker.base_url();
+    let last: Value = {
+        // 60 transactions in pages of 7: page 9 holds the last 4.
+        let url = format!(
+            "{base}/api/v1/forex/transactions?per_page=7&page=9&last_modified_from=1970-01-01T00:00:00Z"
+        );
+        serde_json::from_str(&reqwest::get(url).await.unwrap().text().await.unwrap()).unwrap()
+    };
+    assert_eq!(last["data"].as_array().unwrap().len(), 4);
+    env.broker
+        .answer_with(Entity::Transactions, move |_, query| {
+            let page: u64 = query.get("page")?.parse().ok()?;
+            (page >= 10).then(|| json_answer(last.to_string()))
+        });
+    env.sync_entity(Entity::Transactions)
+        .await
+        .expect("a repeated short page is the end");
+    assert_same(
+        Entity::Transactions,
+        &env.rows(Entity::Transactions),
+        &env.truth(Entity::Transactions),
+    );
+    // An empty page as `{}` for trading activity.
+    env.broker.answer_with(Entity::TradingActivity, |_, query| {
+        let page: u64 = query.get("page")?.parse().ok()?;
+        (page >= 10).then(|| json_answer("{}"))
+    });
+    env.sync_entity(Entity::TradingActivity)
+        .await
+        .expect("with missing_is_empty, `{}` is an empty page");
+    assert_same(
+        Entity::TradingActivity,
+        &env.rows(Entity::TradingActivity),
+        &env.truth(Entity::TradingActivity),
     );
 }

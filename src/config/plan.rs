@@ -176,6 +176,8 @@ pub struct PagingPlan {
     pub overlap: u32,
     /// Whether a 200 whose body is an error envelope fails the run.
     pub error_envelope: bool,
+    /// Whether a body without the record array or paging fields is an empty page.
+    pub missing_is_empty: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -854,6 +856,7 @@ fn paging_plan(raw: &RawRest, problems: &mut Problems) -> Option<PagingPlan> {
         page_size,
         overlap: overlap?,
         error_envelope: p.error_envelope.unwrap_or(true),
+        missing_is_empty: p.missing_is_empty.unwrap_or(false),
     })
 }
 

@@ -215,6 +215,9 @@ pub struct RawPaging {
     /// Whether a 200 with `error`/`errors` set, `success: false` or `status: "error"` fails
     /// the run (default true); false for a broker that lists warnings there beside its records.
     pub error_envelope: Option<bool>,
+    /// Whether a body with no record array and no paging fields is an empty page (default
+    /// false: it fails the run); true for a broker that leaves the array out when empty.
+    pub missing_is_empty: Option<bool>,
 }
 
 /// Names of the query parameters the broker's API takes, and its time format.

@@ -169,14 +169,17 @@ impl HttpClient {
     }
 }
 
-enum Capped {
+pub(crate) enum Capped {
     Transport(reqwest::Error),
     Over,
 }
 
 /// The body, decompressed, read chunk by chunk and given up past `limit` bytes: neither a
 /// broker that never stops sending nor a small gzip bomb makes us hold more than the limit.
-async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, Capped> {
+pub(crate) async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, Capped> {
     if response.content_length().is_some_and(|n| n > limit as u64) {
         return Err(Capped::Over);
     }

@@ -48,6 +48,10 @@ use crate::source::{Page, Pager, SourceError, Window};
 /// never holds still.
 const MAX_STEP_BACKS: u32 = 1_000;
 
+/// How many answers in a row may repeat the page before them before the broker is taken to
+/// ignore the paging parameters.
+const MAX_REPEATS: u32 = 3;
+
 /// Where the next request goes.
 #[derive(Debug, Clone, PartialEq)]
 enum Position {
@@ -80,8 +84,10 @@ pub struct RestPager<'a> {
     /// The last page served (its length, first and last record), to spot a broker that
     /// answers every request with the same page…
     last_page: Option<(usize, Value, Value)>,
-    /// …unless the next request deliberately reads again (a step back).
+    /// …unless the next request deliberately reads again (a step back); and how many
+    /// answers in a row repeated the one before.
     rereading: bool,
+    repeats: u32,
 }
 
 impl<'a> RestPager<'a> {
@@ -114,6 +120,7 @@ impl<'a> RestPager<'a> {
             anchors: VecDeque::new(),
             last_page: None,
             rereading: false,
+            repeats: 0,
         }
     }
 
@@ -182,9 +189,16 @@ impl<'a> RestPager<'a> {
             .and_then(Value::as_str)
             .filter(|c| !c.is_empty())
             .map(str::to_owned);
-        let paging_fields = [&paging.total, &paging.has_more, &paging.next_cursor]
-            .into_iter()
-            .any(|p| read(p).is_some());
+        let paging_fields = [
+            &paging.total,
+            &paging.has_more,
+            &paging.next_cursor,
+            &paging.page_size,
+        ]
+        .into_iter()
+        .any(|p| read(p).is_some())
+            || fetched.link_next.is_some()
+            || paging.missing_is_empty;
         // `{"result": null}` for `/result/items`: an explicit nothing, like a null array.
         let null_parent = null_ancestor(&body, &paging.records);
         // Taken out of the body, not copied: the rest of the body is read above.
@@ -247,6 +261,9 @@ impl<'a> RestPager<'a> {
                 }
             })
             .max(1);
+        if received == 0 {
+            self.check_empty_page(url, has_more, total)?;
+        }
         let finished = received == 0 || has_more == Some(false);
         self.next = match self.style {
             PagingStyle::Cursor | PagingStyle::Auto => match next_cursor {
@@ -266,16 +283,59 @@ impl<'a> RestPager<'a> {
         // switched to page numbers for that, which is not a loop. Nor is a page that repeats
         // because records moved by exactly a page: the pager has just stepped back for that.
         let fell_back = style_before == PagingStyle::Cursor && self.style == PagingStyle::Page;
-        if repeated && !fell_back && !self.rereading {
+        if !repeated || fell_back || self.rereading {
+            self.repeats = 0;
+            return Ok(records);
+        }
+        // A short page served again for the next page number is the last page: some APIs
+        // answer a page past the end with the last one (Django's `get_page`). Nothing is
+        // behind a short page.
+        if self.style == PagingStyle::Page && received < self.page_size {
+            self.next = Position::Done;
+            return Ok(records);
+        }
+        // Records shifting by exactly a page can repeat one answer once; a broker that
+        // ignores the paging parameter repeats it every time.
+        self.repeats += 1;
+        if self.repeats >= MAX_REPEATS {
             return Err(self.unstable(
                 url,
                 format!(
-                    "the broker answered with the page it served before ({} records, the same first and last): it ignores the paging parameters; not reading it forever",
+                    "the broker answered {} requests in a row with the page it served before ({} records, the same first and last): it ignores the paging parameters; not reading it forever",
+                    self.repeats,
                     records.len()
                 ),
             ));
         }
         Ok(records)
+    }
+
+    /// An empty page where this page's own paging fields say records remain (`has_more`, or
+    /// a `total` beyond what the pages before it held) is a broker answering badly, not the
+    /// end: taking it for the end would move the cursor past records never read. Retried.
+    fn check_empty_page(
+        &self,
+        url: &Url,
+        has_more: Option<bool>,
+        total: Option<u64>,
+    ) -> Result<(), SourceError> {
+        let before = match (&self.next, self.style) {
+            (Position::Page(page), PagingStyle::Page | PagingStyle::Auto) => {
+                Some((page - 1) * self.page_size)
+            }
+            (Position::Offset, _) => Some(self.offset.saturating_sub(self.anchors.len() as u64)),
+            _ => None,
+        };
+        let short_of_total = matches!((before, total), (Some(b), Some(t)) if b < t);
+        if has_more == Some(true) || short_of_total {
+            return Err(SourceError::BadPage {
+                url: self.http.shown(url),
+                message: format!(
+                    "an empty page, yet the page says more remain (has_more {has_more:?}, total {total:?})"
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn follow_cursor(

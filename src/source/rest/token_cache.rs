@@ -130,8 +130,18 @@ async fn exchange(
     for (name, value) in response.headers() {
         builder = builder.header(name, value);
     }
-    let body = response.bytes().await.map_err(|e| failed(&e))?;
-    builder.body(body.to_vec()).map_err(|e| failed(&e))
+    // A token answer is a few hundred bytes; the endpoint is the broker's, and not trusted
+    // to stop sending (or not to gzip a bomb).
+    const LONGEST_TOKEN_ANSWER: usize = 1024 * 1024;
+    let body = super::client::read_capped(response, LONGEST_TOKEN_ANSWER)
+        .await
+        .map_err(|e| match e {
+            super::client::Capped::Transport(e) => failed(&e),
+            super::client::Capped::Over => {
+                TransportError("the token endpoint's answer is over 1 MiB".into())
+            }
+        })?;
+    builder.body(body).map_err(|e| failed(&e))
 }
 
 /// The token endpoint's refusal, without the secret: a 4xx is final, the rest may pass.
