@@ -173,8 +173,11 @@ async fn an_expiring_or_revoked_token_is_replaced_without_a_failed_run() {
         started.elapsed() > Duration::from_secs(2),
         "the backfill was too short to outlive a token"
     );
-    assert_eq!(
-        observed.unauthorized, 1,
+    // One 401 for the revoked token, or none when the scheduled refresh (a fifth of the
+    // one-second lifetime early) happened to replace it before its next use: a race of the
+    // test's timing that a CI run once hit. Never more: a refused token is replaced at once.
+    assert!(
+        observed.unauthorized <= 1,
         "only the revoked token may be refused: {observed:?}"
     );
     assert!(
