@@ -76,14 +76,19 @@ fn gzip_bomb() -> Vec<u8> {
     encoder.finish().unwrap()
 }
 
-/// The broker's own first page of transactions, as it serves it.
-async fn first_page(env: &Env) -> Value {
+/// The broker's own page `page` of transactions in pages of `per_page`, as it serves it (the
+/// API key goes along for the envs that require it).
+async fn broker_page(env: &Env, per_page: u32, page: u32) -> Value {
     let url = format!(
-        "{}/api/v1/forex/transactions?per_page=10&page=1&last_modified_from=1970-01-01T00:00:00Z&apikey={KEY}",
+        "{}/api/v1/forex/transactions?per_page={per_page}&page={page}&last_modified_from=1970-01-01T00:00:00Z&apikey={KEY}",
         env.broker.base_url()
     );
     let body = reqwest::get(url).await.unwrap().text().await.unwrap();
     serde_json::from_str(&body).unwrap()
+}
+
+async fn first_page(env: &Env) -> Value {
+    broker_page(env, 10, 1).await
 }
 
 /// Runs a transactions sync whose second page gets `bad` (each time it is asked for), or
@@ -362,12 +367,7 @@ async fn warnings_beside_records_pass_when_error_envelopes_are_off() {
     )
     .await;
     env.sync_entity(Entity::Customers).await.unwrap();
-    let url = format!(
-        "{}/api/v1/forex/transactions?per_page=10&page=1&last_modified_from=1970-01-01T00:00:00Z",
-        env.broker.base_url()
-    );
-    let mut page: Value =
-        serde_json::from_str(&reqwest::get(url).await.unwrap().text().await.unwrap()).unwrap();
+    let mut page = first_page(&env).await;
     page["errors"] = json!([{"warning": "field `tag` is deprecated"}]);
     let start = env.broker.requests(Entity::Transactions);
     env.broker.answer_with(Entity::Transactions, move |n, _| {
@@ -399,14 +399,8 @@ async fn a_last_page_served_again_or_left_out_ends_the_window_where_configured()
     )
     .await;
     env.sync_entity(Entity::Customers).await.unwrap();
-    let base = env.broker.base_url();
-    let last: Value = {
-        // 60 transactions in pages of 7: page 9 holds the last 4.
-        let url = format!(
-            "{base}/api/v1/forex/transactions?per_page=7&page=9&last_modified_from=1970-01-01T00:00:00Z"
-        );
-        serde_json::from_str(&reqwest::get(url).await.unwrap().text().await.unwrap()).unwrap()
-    };
+    // 60 transactions in pages of 7: page 9 holds the last 4.
+    let last = broker_page(&env, 7, 9).await;
     assert_eq!(last["data"].as_array().unwrap().len(), 4);
     env.broker
         .answer_with(Entity::Transactions, move |_, query| {

@@ -170,9 +170,10 @@ impl<'a> RestPager<'a> {
         let paging = &self.plan.paging;
         let shown = || self.http.shown(url);
         let mut body = fetched.body;
-        if let Some(error) =
-            error_envelope(&body, &paging.records).filter(|_| paging.error_envelope)
-        {
+        let envelope = paging
+            .error_envelope
+            .then(|| error_envelope(&body, &paging.records));
+        if let Some(error) = envelope.flatten() {
             return Err(SourceError::BadPage {
                 url: shown(),
                 message: format!(
