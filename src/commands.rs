@@ -20,7 +20,9 @@ use crate::reconcile;
 use crate::sample_broker::{Dataset, DatasetSpec, OAuthClient, Paging, SampleBroker};
 use crate::sink::{Sink, Sinks, Stage};
 use crate::source::Source;
-use crate::state::{QuarantineFilter, Store};
+use crate::config::state::StatePlan;
+use crate::state::lease::{Fence, Lease, LeaseLane};
+use crate::state::{QuarantineFilter, Store, StoreError};
 
 /// A failure whose message is the whole story (printed as is, exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +63,7 @@ fn load(config_path: Option<&std::path::Path>) -> anyhow::Result<Loaded> {
 }
 
 fn open_store(loaded: &Loaded) -> anyhow::Result<Arc<Store>> {
-    Ok(Arc::new(Store::open(&loaded.settings.database_path())?))
+    Ok(Arc::new(Store::open_settings(&loaded.settings)?))
 }
 
 /// A connector's source and sink, built for one command.
@@ -90,6 +92,7 @@ impl Wired {
             sink: self.sink.as_ref(),
             store,
             stop,
+            lease: None,
         }
     }
 }
@@ -144,12 +147,22 @@ pub async fn sync(config_path: Option<&std::path::Path>, args: &SyncArgs) -> any
     let mut runs = 0;
     for plan in &selected {
         let wired = Wired::new(plan, &sinks)?;
-        let runner = wired.runner(plan, &store, stop.clone());
         for entity in entities(plan, args.entity)? {
             if stop.is_cancelled() {
                 break;
             }
             runs += 1;
+            // With the postgres state, the live lease: a daemon of the fleet may hold it.
+            let held = match CommandLease::take(&store, &loaded.settings, &plan.broker, entity, LeaseLane::Live).await {
+                Ok(held) => held,
+                Err(e) => {
+                    error!(error = %e, "Sync not run.");
+                    failures.push(e.to_string());
+                    continue;
+                }
+            };
+            let mut runner = wired.runner(plan, &store, stop.clone());
+            runner.lease = held.as_ref().map(CommandLease::lease);
             if let Err(e) = runner.sync(entity, Timestamp::now()).await {
                 error!(error = %e, "Sync failed; the cursor stays where it was.");
                 failures.push(e.to_string());
@@ -193,9 +206,13 @@ pub async fn backfill(
     let store = open_store(&loaded)?;
     let sinks = Sinks::new(Arc::clone(&store), &loaded.settings.sink)?;
     let wired = Wired::new(plan, &sinks)?;
-    let runner = wired.runner(plan, &store, stop_on_signal());
+    let stop = stop_on_signal();
     let now = Timestamp::now();
     for entity in entities(plan, args.entity)? {
+        // With the postgres state, the backfill lease: one backfill of a pair at a time.
+        let held = CommandLease::take(&store, &loaded.settings, &plan.broker, entity, LeaseLane::Backfill).await?;
+        let mut runner = wired.runner(plan, &store, stop.clone());
+        runner.lease = held.as_ref().map(CommandLease::lease);
         let bar = backfill::progress_bar();
         let done = backfill::backfill(&runner, entity, since, until, now, &bar).await;
         bar.finish_and_clear();
@@ -207,6 +224,107 @@ pub async fn backfill(
         );
     }
     Ok(())
+}
+
+/// A lease held by a one-off command with the postgres state, renewed in the background until
+/// dropped, then released.
+struct CommandLease {
+    lease: Arc<Lease>,
+    store: Arc<Store>,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl CommandLease {
+    /// `None` with the sqlite state (one host: nothing to share).
+    async fn take(
+        store: &Arc<Store>,
+        settings: &crate::config::Settings,
+        broker: &str,
+        entity: Entity,
+        lane: LeaseLane,
+    ) -> anyhow::Result<Option<CommandLease>> {
+        let StatePlan::Postgres(plan) = &settings.state else {
+            return Ok(None);
+        };
+        let (ttl, beat) = (plan.lease_ttl, plan.heartbeat);
+        let s = Arc::clone(store);
+        let (b, l) = (broker.to_owned(), lane);
+        let won = tokio::task::spawn_blocking(move || {
+            let pg = s.postgres().expect("postgres state");
+            let won = pg.acquire(&b, entity, l, ttl)?;
+            let holder = match won {
+                Some(_) => None,
+                None => pg
+                    .leases()?
+                    .into_iter()
+                    .find(|x| x.broker == b && x.entity == entity.as_str() && x.lane == l.as_str())
+                    .and_then(|x| x.holder),
+            };
+            Ok::<_, StoreError>((won, holder, pg.member().to_owned()))
+        })
+        .await??;
+        let (won, holder, me) = won;
+        let Some(won) = won else {
+            bail!(
+                "{broker}/{entity}: its {} lease is held by {} (a member of the fleet is working it); \
+                 try again when it is free",
+                lane.as_str(),
+                holder.unwrap_or_else(|| "another member".into())
+            );
+        };
+        let fence = Fence {
+            broker: broker.to_owned(),
+            entity,
+            lane,
+            holder: me,
+            epoch: won.epoch,
+        };
+        let lease = Arc::new(Lease::new(fence, won.sent_at, ttl));
+        let (kept, s) = (Arc::clone(&lease), Arc::clone(store));
+        let renew = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(beat).await;
+                let (l, s) = (Arc::clone(&kept), Arc::clone(&s));
+                let sent_at = std::time::Instant::now();
+                let ok = tokio::task::spawn_blocking(move || {
+                    s.postgres()
+                        .map(|pg| pg.renew(std::slice::from_ref(l.fence()), ttl))
+                });
+                match ok.await {
+                    Ok(Some(Ok(v))) if v.first() == Some(&true) => kept.renewed(sent_at, ttl),
+                    Ok(Some(Ok(_))) => {
+                        warn!(lease = %kept.fence(), "Lease lost: the command stops before its next request.");
+                        kept.lose();
+                        return;
+                    }
+                    // Not renewed this time: the lease runs out locally unless a later
+                    // renewal succeeds.
+                    _ => warn!(lease = %kept.fence(), "Could not renew the lease."),
+                }
+            }
+        });
+        Ok(Some(CommandLease {
+            lease,
+            store: Arc::clone(store),
+            renew,
+        }))
+    }
+
+    fn lease(&self) -> Arc<Lease> {
+        Arc::clone(&self.lease)
+    }
+}
+
+impl Drop for CommandLease {
+    fn drop(&mut self) {
+        self.renew.abort();
+        self.lease.lose();
+        if let Some(pg) = self.store.postgres()
+            && let Err(e) = pg.release(self.lease.fence())
+        {
+            warn!(error = %e, lease = %self.lease.fence(), "Could not release the lease; it expires after the TTL.");
+        }
+    }
 }
 
 /// The store and the broker differ: the report, printed on stdout (exit code 3).
@@ -274,7 +392,7 @@ fn embedded_sink(loaded: &Loaded, plan: &ConnectorPlan) -> bool {
     use crate::config::plan::SinkKind;
     matches!(
         plan.sink.unwrap_or(loaded.settings.sink.kind),
-        SinkKind::Sqlite | SinkKind::Both
+        SinkKind::Sqlite | SinkKind::Postgres | SinkKind::Both
     )
 }
 
@@ -370,6 +488,54 @@ pub fn status(config_path: Option<&std::path::Path>) -> anyhow::Result<String> {
         }
         out.push('\n');
         out.push_str(&render(&table));
+    }
+    if let (Some(pg), StatePlan::Postgres(plan)) = (store.postgres(), &loaded.settings.state) {
+        out.push('\n');
+        out.push_str(&fleet_status(pg, plan.lease_ttl, &loaded)?);
+    }
+    Ok(out)
+}
+
+/// The fleet: each member, its last heartbeat, its connectors-folder digest (flagged when it
+/// differs from this host's), and what it holds.
+fn fleet_status(
+    pg: &crate::state::postgres::PgStore,
+    ttl: std::time::Duration,
+    loaded: &Loaded,
+) -> anyhow::Result<String> {
+    let mine = crate::daemon::coordinator::folder_hash(&loaded.settings.connectors_dir);
+    let leases = pg.leases()?;
+    let mut table = vec![
+        ["MEMBER", "STATE", "LAST HEARTBEAT", "CONFIG", "HOLDS"].map(String::from),
+    ];
+    let now = Timestamp::now();
+    for m in pg.members(ttl)? {
+        let holds: Vec<String> = leases
+            .iter()
+            .filter(|l| l.valid && l.holder.as_deref() == Some(m.id.as_str()))
+            .map(|l| format!("{}/{}{}", l.broker, l.entity, if l.lane == "live" { "" } else { " (backfill)" }))
+            .collect();
+        let config = if m.config_hash == mine {
+            m.config_hash[..12.min(m.config_hash.len())].to_owned()
+        } else {
+            format!("{} DIFFERS", &m.config_hash[..12.min(m.config_hash.len())])
+        };
+        table.push([
+            m.id,
+            if m.alive { "alive" } else { "silent" }.to_owned(),
+            format!("{} ago", human(now.duration_since(m.heartbeat_at))),
+            config,
+            format!("{}: {}", holds.len(), holds.join(", ")),
+        ]);
+    }
+    let unheld: Vec<String> = leases
+        .iter()
+        .filter(|l| !l.valid)
+        .map(|l| format!("{}/{}", l.broker, l.entity))
+        .collect();
+    let mut out = render(&table);
+    if !unheld.is_empty() {
+        out.push_str(&format!("unheld leases (taken at the next heartbeat): {}\n", unheld.join(", ")));
     }
     Ok(out)
 }

@@ -5,6 +5,8 @@
 //! the window's last page: a crash anywhere before it leaves the cursor where it was, and the
 //! re-run re-reads pages whose records are already stored (upserts: no duplicates).
 
+use std::sync::Arc;
+
 use jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -15,6 +17,7 @@ use crate::model::{Entity, Record};
 use crate::normalise::{Mapping, PiiPolicy};
 use crate::sink::{CommitStats, PageBatch, Progress, Reject, Sink, SinkError, Stage, Valid};
 use crate::source::{Page, Source, SourceError, Window};
+use crate::state::lease::Lease;
 use crate::state::{Store, StoreError};
 use crate::telemetry;
 use crate::validate;
@@ -78,6 +81,9 @@ pub struct Runner<'a> {
     pub store: &'a Store,
     /// Cancelled on shutdown: the run stops after the page it is committing.
     pub stop: CancellationToken,
+    /// The lease the run works under (a fleet's PostgreSQL state): no request is sent once it
+    /// may have gone, and every commit carries its fence.
+    pub lease: Option<Arc<Lease>>,
 }
 
 impl Runner<'_> {
@@ -236,6 +242,7 @@ impl Runner<'_> {
         let (handoff, mut handed) = tokio::sync::mpsc::channel::<(PageBatch, usize)>(1);
         let gather = self.sink.batch_records();
         let fetch = async move {
+            self.lease_held().map_err(source_error)?;
             let mut current = pager.next_page().await.map_err(source_error)?;
             while let Some(page) = current {
                 let mut pulled = page.records.len();
@@ -246,7 +253,11 @@ impl Runner<'_> {
                 // broker fail, on the way.
                 let mut early: Option<Result<Option<Page>, SourceError>> = None;
                 while early.is_none() && batch.records.len() + batch.rejects.len() < gather {
-                    match pager.next_page().await {
+                    let next = match self.lease_held() {
+                        Ok(()) => pager.next_page().await,
+                        Err(lost) => Err(lost),
+                    };
+                    match next {
                         Ok(Some(more)) => {
                             pulled += more.records.len();
                             let extra = self.batch(entity, more, &self.plan.mapping);
@@ -256,9 +267,14 @@ impl Runner<'_> {
                         ended_or_failed => early = Some(ended_or_failed),
                     }
                 }
-                let (delivered, next) = match early {
-                    Some(next) => (self.sink.deliver(&mut batch).await, next),
-                    None => tokio::join!(self.sink.deliver(&mut batch), pager.next_page()),
+                let (delivered, next) = match (early, self.lease_held()) {
+                    (Some(next), _) => (self.sink.deliver(&mut batch).await, next),
+                    // The page in hand still goes to its commit, which the store refuses
+                    // unless the lease is held there (the fence decides, not this clock).
+                    (None, Err(lost)) => (self.sink.deliver(&mut batch).await, Err(lost)),
+                    (None, Ok(())) => {
+                        tokio::join!(self.sink.deliver(&mut batch), pager.next_page())
+                    }
                 };
                 // Undelivered: nothing of this page is committed and the cursor stays.
                 delivered.map_err(|source| EngineError::Sink {
@@ -368,6 +384,16 @@ impl Runner<'_> {
         Ok(summary)
     }
 
+    /// Whether the run may still ask the broker for a page: without a lease, always.
+    fn lease_held(&self) -> Result<(), SourceError> {
+        match &self.lease {
+            Some(lease) if !lease.is_valid() => Err(SourceError::LeaseLost {
+                lease: lease.fence().to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// A page, normalised and validated, ready for the sink (progress decided later).
     fn batch(&self, entity: Entity, page: Page, mapping: &Mapping) -> PageBatch {
         let (records, rejects) = self.prepare(entity, page.records, mapping);
@@ -390,6 +416,7 @@ impl Runner<'_> {
             stage_records: false,
             keep_records: true,
             hold_orphans: true,
+            fence: self.lease.as_ref().map(|l| l.fence().clone()),
         }
     }
 

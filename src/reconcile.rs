@@ -258,7 +258,15 @@ pub async fn compare(
     now: Timestamp,
 ) -> Result<(Report, ScratchHandle), ReconcileError> {
     let plan = runner.plan;
-    let scratch = Scratch::create(runner.store.path(), &plan.broker, entity)?;
+    let scratch = Scratch::create(
+        runner.store.path().map_err(|source| EngineError::Store {
+            broker: plan.broker.clone(),
+            entity,
+            source,
+        })?,
+        &plan.broker,
+        entity,
+    )?;
     let start_of = |d: Date| {
         d.to_zoned(jiff::tz::TimeZone::UTC)
             .map(|z| z.timestamp())

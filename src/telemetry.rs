@@ -23,9 +23,14 @@ pub const QUARANTINE_SIZE: &str = "t360_quarantine_records";
 pub const RECONCILE_RUNS: &str = "t360_reconcile_runs_total";
 pub const RECONCILE_DRIFT: &str = "t360_reconcile_drift_records";
 pub const RECONCILE_REPAIRED: &str = "t360_reconcile_repaired_records_total";
+pub const FLEET_MEMBERS: &str = "t360_fleet_members";
+pub const FLEET_LEASES_HELD: &str = "t360_fleet_leases_held";
+pub const FLEET_TAKEOVERS: &str = "t360_fleet_takeovers_total";
+pub const FLEET_FENCING_REJECTIONS: &str = "t360_fleet_fencing_rejections_total";
+pub const FLEET_LEASES_LOST: &str = "t360_fleet_leases_lost_total";
 
 /// Every metric this daemon exports (a dashboard may query only these).
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 20] = [
     RECORDS_PULLED,
     RECORDS_STORED,
     RECORDS_QUARANTINED,
@@ -41,6 +46,11 @@ pub const ALL: [&str; 15] = [
     RECONCILE_RUNS,
     RECONCILE_DRIFT,
     RECONCILE_REPAIRED,
+    FLEET_MEMBERS,
+    FLEET_LEASES_HELD,
+    FLEET_TAKEOVERS,
+    FLEET_FENCING_REJECTIONS,
+    FLEET_LEASES_LOST,
 ];
 
 /// Run-duration histogram buckets, in seconds.
@@ -151,4 +161,32 @@ pub fn reconciled(
         }
     }
     counter!(RECONCILE_REPAIRED, &[b, e]).increment(repaired);
+}
+
+/// The fleet as this daemon last saw it: members alive, and the leases it holds.
+pub fn fleet(members: usize, leases_held: usize) {
+    gauge!(FLEET_MEMBERS).set(members as f64);
+    gauge!(FLEET_LEASES_HELD).set(leases_held as f64);
+}
+
+/// A lease taken over from a member whose lease had expired (dead, paused or partitioned).
+pub fn takeover(broker: &str, entity: Entity) {
+    counter!(FLEET_TAKEOVERS, &labels(broker, entity)).increment(1);
+}
+
+/// A lease this daemon held was found taken or expired at renewal.
+pub fn lease_lost(broker: &str, entity: Entity) {
+    counter!(FLEET_LEASES_LOST, &labels(broker, entity)).increment(1);
+}
+
+/// A commit refused because its lease was no longer held (nothing of it was written).
+pub fn fencing_rejected(broker: &str, entity: Entity) {
+    counter!(FLEET_FENCING_REJECTIONS, &labels(broker, entity)).increment(1);
+}
+
+/// Zeroes the fleet counters, so that they are exported before the first event.
+pub fn fleet_started() {
+    counter!(FLEET_TAKEOVERS).increment(0);
+    counter!(FLEET_FENCING_REJECTIONS).increment(0);
+    counter!(FLEET_LEASES_LOST).increment(0);
 }

@@ -226,6 +226,7 @@ async fn sync(world: &World, page_size: u8, crash_at: Option<u8>) -> bool {
         sink: &sink,
         store: &store,
         stop: CancellationToken::new(),
+        lease: None,
     };
     let now = Timestamp::from_second(T0 + world.clock).unwrap();
     let result = runner.sync(Entity::Customers, now).await;

@@ -837,6 +837,7 @@ async fn a_database_that_goes_away_mid_sync_fails_the_run_and_the_next_completes
             sink: &sink,
             store: &store,
             stop: CancellationToken::new(),
+            lease: None,
         };
         let failed = runner.sync(Entity::Customers, Timestamp::now()).await;
         let message = failed.expect_err("the run fails").to_string();

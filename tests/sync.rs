@@ -604,6 +604,7 @@ fn older_versions_lose(staged: bool) {
                 stage_records: staged,
                 keep_records: true,
                 hold_orphans: true,
+                fence: None,
             })
             .unwrap();
         store.merge_staged().unwrap();
@@ -677,6 +678,7 @@ fn records_held_for_a_staged_customer_are_stored_when_it_is_merged() {
         stage_records: staged,
         keep_records: true,
         hold_orphans: true,
+        fence: None,
     };
     let customer = json!({"customer_id": "C1", "signup_date": "2026-01-01T00:00:00Z",
                           "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"});

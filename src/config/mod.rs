@@ -7,6 +7,7 @@ pub mod plan;
 pub mod raw;
 pub mod secret;
 pub mod sql;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -158,8 +159,15 @@ pub fn load_connectors(settings: &Settings) -> (Vec<ConnectorPlan>, Vec<ConfigEr
     let mut plans: Vec<ConnectorPlan> = Vec::new();
     let mut problems = Vec::new();
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let postgres = matches!(settings.state, state::StatePlan::Postgres(_));
     for file in files {
         match load_connector(&file, settings) {
+            Ok(plan) if plan.sink.is_some_and(|k| k.fits_state(postgres).is_err()) => {
+                let problem = plan.sink.map(|k| k.fits_state(postgres));
+                if let Some(Err(e)) = problem {
+                    problems.push(ConfigError::new(&file, "sink", e));
+                }
+            }
             Ok(plan)
                 if matches!(
                     plan.sink,

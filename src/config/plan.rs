@@ -12,6 +12,7 @@ use secrecy::SecretString;
 use super::ConfigError;
 use super::raw::{RawConnector, RawPii, RawReconcile, RawRest, RawSchedule, RawSettings, RawSync};
 use super::sql::{Engine, SqlPlan, sql_plan};
+use super::state::{StatePlan, state_plan};
 use crate::daemon::schedule::Schedule;
 use crate::model::Entity;
 use crate::normalise::Mapping;
@@ -31,23 +32,49 @@ pub struct Settings {
     pub sync: RawSync,
     pub daemon: DaemonPlan,
     pub sink: SinkPlan,
+    pub state: StatePlan,
 }
 
 /// Where records go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SinkKind {
+    /// The embedded store: the entity tables of the SQLite state file.
     Sqlite,
+    /// The entity tables of the PostgreSQL state database (`state.backend = "postgres"`).
+    Postgres,
     Track360,
+    /// Track360, and a copy in the state database's entity tables.
     Both,
 }
 
 impl SinkKind {
+    /// The store a sink writes to must be the state database's: records and checkpoint commit
+    /// in one transaction only there.
+    pub fn fits_state(self, postgres_state: bool) -> Result<(), String> {
+        match (self, postgres_state) {
+            (SinkKind::Sqlite, true) => Err(
+                "`sqlite` stores records in the SQLite state file, but state.backend is \
+                 \"postgres\": use `postgres` (records commit with their checkpoint there)"
+                    .into(),
+            ),
+            (SinkKind::Postgres, false) => Err(
+                "`postgres` stores records in the PostgreSQL state database: it needs \
+                 state.backend = \"postgres\""
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
     pub fn parse(text: &str) -> Result<SinkKind, String> {
         match text {
             "sqlite" => Ok(SinkKind::Sqlite),
+            "postgres" => Ok(SinkKind::Postgres),
             "track360" => Ok(SinkKind::Track360),
             "both" => Ok(SinkKind::Both),
-            other => Err(format!("`{other}` is not one of: sqlite, track360, both")),
+            other => Err(format!(
+                "`{other}` is not one of: sqlite, postgres, track360, both"
+            )),
         }
     }
 }
@@ -313,7 +340,9 @@ impl Settings {
             }
         };
         let grace = optional_duration(&d.shutdown_grace, "30s", "daemon.shutdown_grace", problems);
-        let sink = sink_plan(&raw.sink, problems);
+        let state = state_plan(&raw.state, problems);
+        let postgres = matches!(state, Some(StatePlan::Postgres(_)));
+        let sink = sink_plan(&raw.sink, postgres, problems);
         Settings {
             state_dir: base.join(&raw.state_dir),
             connectors_dir: base.join(&raw.connectors_dir),
@@ -327,6 +356,7 @@ impl Settings {
                 kind: SinkKind::Sqlite,
                 track360: None,
             }),
+            state: state.unwrap_or(StatePlan::Sqlite),
         }
     }
 }
@@ -456,13 +486,22 @@ pub(super) fn connector_plan(
     })
 }
 
-fn sink_plan(raw: &super::raw::RawSink, problems: &mut Problems) -> Option<SinkPlan> {
+fn sink_plan(
+    raw: &super::raw::RawSink,
+    postgres_state: bool,
+    problems: &mut Problems,
+) -> Option<SinkPlan> {
     let kind = match raw.kind.as_deref() {
+        None if postgres_state => SinkKind::Postgres,
         None => SinkKind::Sqlite,
         Some(text) => problems.take("sink.kind", SinkKind::parse(text))?,
     };
+    if let Err(e) = kind.fits_state(postgres_state) {
+        problems.add("sink.kind", e);
+        return None;
+    }
     let track360 = match &raw.track360 {
-        None if kind != SinkKind::Sqlite => {
+        None if matches!(kind, SinkKind::Track360 | SinkKind::Both) => {
             problems.add("sink.track360", "sink.kind needs a [sink.track360] table");
             return None;
         }

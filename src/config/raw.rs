@@ -20,6 +20,30 @@ pub struct RawSettings {
     pub daemon: RawDaemon,
     #[serde(default)]
     pub sink: RawSink,
+    #[serde(default)]
+    pub state: RawState,
+}
+
+/// Where checkpoints, run history, quarantine and leases live: `sqlite` (a file in
+/// `state_dir`, one host) or `postgres` (shared by every daemon of a fleet).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub backend: Option<String>,
+    /// `postgres://user@host:5432/db`, never with a password in it.
+    pub url: Option<String>,
+    pub password_env: Option<String>,
+    pub password_file: Option<String>,
+    /// `disable`, `prefer`, `require`, `verify-ca` or `verify-full` (the default).
+    pub tls: Option<String>,
+    pub ca_file: Option<String>,
+    /// The schema holding every table (created when missing).
+    pub schema: Option<String>,
+    pub max_connections: Option<i64>,
+    /// How long a lease outlives its holder's last renewal.
+    pub lease_ttl: Option<String>,
+    /// How often a daemon renews its leases and heartbeat (default: a third of the TTL).
+    pub heartbeat: Option<String>,
 }
 
 /// Where records go: `sqlite` (the embedded store), `track360` (the ingestion API) or `both`.

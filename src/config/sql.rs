@@ -128,7 +128,7 @@ pub enum Tls {
 }
 
 impl Tls {
-    fn parse(text: &str) -> Result<Tls, String> {
+    pub(super) fn parse(text: &str) -> Result<Tls, String> {
         Ok(match text {
             "disable" => Tls::Disable,
             "prefer" => Tls::Prefer,
@@ -336,7 +336,7 @@ pub(super) fn sql_plan(
     })
 }
 
-fn check_url(engine: Engine, text: &str) -> Result<String, String> {
+pub(super) fn check_url(engine: Engine, text: &str) -> Result<String, String> {
     let url = url::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
     let schemes: &[&str] = match engine {
         Engine::Postgres => &["postgres", "postgresql"],

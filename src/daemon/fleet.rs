@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::Context;
+use super::coordinator::folder_hash;
 use super::reconciler::reconciler;
 use super::worker::{EntityLock, worker};
 use crate::config::{self, ConnectorPlan, Settings};
@@ -19,6 +20,7 @@ use crate::telemetry;
 
 struct Running {
     broker: String,
+    entities: Vec<Entity>,
     fingerprint: u64,
     stop: CancellationToken,
 }
@@ -84,6 +86,14 @@ impl Fleet {
                 Err(e) => error!(file = %file.display(), error = %e, "Connector cannot start."),
             }
         }
+        if let Some(coordinator) = &self.ctx.coordinator {
+            let pairs = self
+                .running
+                .values()
+                .flat_map(|r| r.entities.iter().map(|&e| (r.broker.clone(), e)))
+                .collect();
+            coordinator.set_work(pairs, folder_hash(&settings.connectors_dir));
+        }
     }
 
     fn start(&self, plan: ConnectorPlan) -> anyhow::Result<Running> {
@@ -102,7 +112,9 @@ impl Fleet {
             .iter()
             .map(|&e| (e, self.lock(&plan.broker, e)))
             .collect();
-        if plan.reconcile.schedule.is_some() && !reconciled.is_empty() {
+        if plan.reconcile.schedule.is_some() && self.ctx.coordinator.is_some() {
+            warn!(broker = %plan.broker, "Scheduled reconciliation is not supported with the postgres state yet; [reconcile] schedule is ignored.");
+        } else if plan.reconcile.schedule.is_some() && !reconciled.is_empty() {
             self.ctx.tracker.spawn(reconciler(
                 Arc::clone(&self.ctx),
                 Arc::clone(&plan),
@@ -126,6 +138,7 @@ impl Fleet {
         }
         Ok(Running {
             broker: plan.broker.clone(),
+            entities: plan.entities.clone(),
             fingerprint: plan.fingerprint,
             stop,
         })

@@ -7,6 +7,7 @@
 //! that sleeps until its next fire time and runs one sync. Every task is spawned on the tracker
 //! and is waited for on shutdown, up to the grace period.
 
+pub mod coordinator;
 mod fleet;
 pub mod health;
 mod reconciler;
@@ -26,6 +27,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
+use crate::config::state::StatePlan;
+use coordinator::Coordinator;
 use crate::sink::Sinks;
 use crate::state::Store;
 use crate::telemetry;
@@ -45,6 +48,8 @@ pub(crate) struct Context {
     pub tracker: TaskTracker,
     /// The daemon's `sink.kind`, for connectors that do not name their own.
     pub default_sink: crate::config::plan::SinkKind,
+    /// With the postgres state: the fleet's leases, without which no worker syncs.
+    pub coordinator: Option<Arc<Coordinator>>,
 }
 
 impl Context {
@@ -57,8 +62,20 @@ impl Context {
 
 /// Runs the daemon until SIGTERM/SIGINT or until `stop` is cancelled.
 pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<()> {
-    let store = Arc::new(Store::open(&settings.database_path())?);
+    let store = Arc::new(Store::open_settings(&settings)?);
     let health = Arc::new(Health::default());
+    let coordinator = match &settings.state {
+        StatePlan::Postgres(pg) => {
+            let member = store.postgres().map(|p| p.member().to_owned());
+            info!(member = ?member, lease_ttl_s = pg.lease_ttl.as_secs_f64(), "Joining the fleet (postgres state).");
+            Some(Arc::new(Coordinator::new(
+                Arc::clone(&store),
+                pg.lease_ttl,
+                pg.heartbeat,
+            )))
+        }
+        StatePlan::Sqlite => None,
+    };
     let ctx = Arc::new(Context {
         sinks: Sinks::new(Arc::clone(&store), &settings.sink)?,
         store,
@@ -69,6 +86,7 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
         health: Arc::clone(&health),
         tracker: TaskTracker::new(),
         default_sink: settings.sink.kind,
+        coordinator: coordinator.clone(),
     });
     // Cancelled once, on shutdown: the workers and the HTTP listener are its children.
     let shutdown = stop.child_token();
@@ -90,6 +108,9 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
 
     let mut fleet = Fleet::new(Arc::clone(&ctx), shutdown.clone());
     fleet.reload(&settings);
+    if let Some(c) = &coordinator {
+        ctx.tracker.spawn(Arc::clone(c).run(shutdown.clone()));
+    }
     systemd::ready();
     info!(connectors = fleet.len(), "Daemon started.");
 
@@ -137,6 +158,10 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
         );
     } else {
         info!("Daemon stopped.");
+    }
+    if let Some(c) = coordinator {
+        // The other members take this daemon's brokers over at their next heartbeat.
+        let _ = tokio::task::spawn_blocking(move || c.leave()).await;
     }
     Ok(())
 }

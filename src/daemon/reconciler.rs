@@ -35,7 +35,7 @@ pub async fn reconciler(
     let span = error_span!("reconcile", broker = %plan.broker);
     let delete_gone = matches!(
         plan.sink.unwrap_or(ctx.default_sink),
-        SinkKind::Sqlite | SinkKind::Both
+        SinkKind::Sqlite | SinkKind::Postgres | SinkKind::Both
     );
     async move {
         loop {
@@ -68,6 +68,7 @@ pub async fn reconciler(
                     sink: sink.as_ref(),
                     store: &ctx.store,
                     stop: stop.clone(),
+                    lease: None,
                 };
                 let range = reconcile::last_days(Timestamp::now(), plan.reconcile.days);
                 let done = reconcile::run(

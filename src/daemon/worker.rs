@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error_span, info, warn};
 
 use super::Context;
+use super::coordinator::Held;
 use crate::config::ConnectorPlan;
 use crate::engine::{EngineError, Runner};
 use crate::model::Entity;
@@ -27,6 +28,65 @@ pub async fn worker(
     sink: Arc<dyn Sink>,
     entity: Entity,
     lock: EntityLock,
+    stop: CancellationToken,
+) {
+    let Some(coordinator) = ctx.coordinator.clone() else {
+        return serve(ctx, plan, source, sink, entity, lock, None, stop).await;
+    };
+    // In a fleet: serve only while this daemon holds the pair's lease.
+    let mut watch = coordinator.watch(&plan.broker, entity);
+    loop {
+        let held = loop {
+            if let Some(held) = watch.borrow_and_update().clone() {
+                break held;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = watch.changed() => if changed.is_err() { return },
+            }
+        };
+        let held_stop = stop.child_token();
+        let lost = held.lease.lost().clone();
+        let serving = serve(
+            Arc::clone(&ctx),
+            Arc::clone(&plan),
+            Arc::clone(&source),
+            Arc::clone(&sink),
+            entity,
+            Arc::clone(&lock),
+            Some(held),
+            held_stop.clone(),
+        );
+        tokio::pin!(serving);
+        tokio::select! {
+            _ = &mut serving => {}
+            _ = lost.cancelled() => {
+                // The run in flight stops after its page (whose commit the fence refuses).
+                held_stop.cancel();
+                serving.await;
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        // A schedule that never fires again: hold on until the lease goes or the daemon stops.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = lost.cancelled() => {}
+        }
+    }
+}
+
+/// Runs `entity` of `plan` on its schedule until `stop` (under `held`, in a fleet).
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    ctx: Arc<Context>,
+    plan: Arc<ConnectorPlan>,
+    source: Arc<dyn Source>,
+    sink: Arc<dyn Sink>,
+    entity: Entity,
+    lock: EntityLock,
+    held: Option<Arc<Held>>,
     stop: CancellationToken,
 ) {
     let broker = plan.broker.clone();
@@ -93,8 +153,15 @@ pub async fn worker(
                 sink: sink.as_ref(),
                 store: &ctx.store,
                 stop: stop.clone(),
+                lease: held.as_ref().map(|h| Arc::clone(&h.lease)),
             };
+            if let Some(h) = &held {
+                h.set_busy(true);
+            }
             let result = runner.sync(entity, Timestamp::now()).await;
+            if let Some(h) = &held {
+                h.set_busy(false);
+            }
             let now = Timestamp::now();
             ctx.health.update(&broker, entity, |h| {
                 h.running = false;

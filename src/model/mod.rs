@@ -247,6 +247,54 @@ impl Record {
         }
     }
 
+    /// The record's columns as the store writes them (text; `None` is NULL), in
+    /// `Entity::fields` order.
+    pub fn column_texts(&self) -> Vec<Option<String>> {
+        let t = |v: &Option<Timestamp>| v.map(|t| t.to_string());
+        let d = |v: &Option<Decimal>| v.map(|d| d.to_string());
+        match self {
+            Record::Customer(c) => vec![
+                Some(c.customer_id.clone()),
+                Some(c.signup_date.to_string()),
+                t(&c.last_modified_date),
+                Some(c.affiliate_id.clone()),
+                c.campaign_id.clone(),
+                c.click_id.clone(),
+                c.lang_id.clone(),
+                c.country_code.clone(),
+                c.kyc_status_id.clone(),
+                c.sales_status_id.clone(),
+                c.trading_account_type.clone(),
+                c.leverage.clone(),
+                c.first_name.clone(),
+                c.last_name.clone(),
+                c.email.clone(),
+            ],
+            Record::Transaction(x) => vec![
+                Some(x.transaction_id.clone()),
+                Some(x.customer_id.clone()),
+                Some(x.transaction_type.as_str().to_owned()),
+                Some(x.amount.to_string()),
+                Some(x.currency.clone()),
+                Some(x.transaction_date.to_string()),
+                Some(x.status.clone()),
+                t(&x.last_modified_date),
+            ],
+            Record::TradingActivity(a) => vec![
+                Some(a.date.to_string()),
+                Some(a.customer_id.clone()),
+                Some(a.instrument.clone()),
+                Some(a.lots_traded.to_string()),
+                d(&a.volume_usd),
+                d(&a.spread_cost),
+                d(&a.commission),
+                d(&a.pnl),
+                Some(a.currency.clone()),
+                t(&a.last_modified_date),
+            ],
+        }
+    }
+
     /// The customer this record belongs to, for records that need one to exist first.
     pub fn parent_customer(&self) -> Option<&str> {
         match self {

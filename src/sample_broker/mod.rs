@@ -135,6 +135,10 @@ struct Shared {
     observed: Mutex<Observed>,
     /// Requests being answered right now.
     in_flight: std::sync::atomic::AtomicUsize,
+    /// Per entity: requests being answered now, and the most ever at once (one client pages
+    /// one entity a request at a time: more means two clients paged it at once).
+    entity_in_flight: [std::sync::atomic::AtomicUsize; 3],
+    entity_max_in_flight: [std::sync::atomic::AtomicUsize; 3],
     /// Bodies gzip-compressed for clients that accept it.
     gzip: AtomicBool,
     gzipped: AtomicU64,
@@ -174,6 +178,8 @@ impl SampleBroker {
             required: Mutex::new(None),
             observed: Mutex::new(Observed::default()),
             in_flight: Default::default(),
+            entity_in_flight: Default::default(),
+            entity_max_in_flight: Default::default(),
             gzip: AtomicBool::new(false),
             gzipped: AtomicU64::new(0),
         });
@@ -298,6 +304,11 @@ impl SampleBroker {
         self.shared.in_flight.load(Ordering::SeqCst)
     }
 
+    /// The most requests for `entity` ever answered at the same time.
+    pub fn max_concurrent(&self, entity: Entity) -> usize {
+        self.shared.entity_max_in_flight[entity as usize].load(Ordering::SeqCst)
+    }
+
     pub fn observed(&self) -> Observed {
         lock(&self.shared.observed).clone()
     }
@@ -375,10 +386,28 @@ async fn serve(
     query: &HashMap<String, String>,
     answer: impl FnOnce(&Shared) -> Result<(Value, Option<String>), String>,
 ) -> Response {
-    shared.in_flight.fetch_add(1, Ordering::SeqCst);
-    let response = answer_request(shared, entity, api, headers, query, answer).await;
-    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-    response
+    let _counted = InFlight::enter(shared, entity);
+    answer_request(shared, entity, api, headers, query, answer).await
+}
+
+/// Counts a request in flight until dropped: also when the client goes away mid-answer and
+/// the server drops the handler.
+struct InFlight<'a>(&'a Shared, Entity);
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a Shared, entity: Entity) -> Self {
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let now = shared.entity_in_flight[entity as usize].fetch_add(1, Ordering::SeqCst) + 1;
+        shared.entity_max_in_flight[entity as usize].fetch_max(now, Ordering::SeqCst);
+        InFlight(shared, entity)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.entity_in_flight[self.1 as usize].fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn answer_request(

@@ -40,6 +40,9 @@ pub struct PageBatch {
     /// Whether records whose customer is not stored yet are held (only where the embedded
     /// store is the destination: the ingestion API judges references itself).
     pub hold_orphans: bool,
+    /// The lease the batch was pulled under (a fleet's PostgreSQL state): the commit is refused
+    /// unless it is still held.
+    pub fence: Option<crate::state::Fence>,
 }
 
 /// A record that passed validation.
@@ -192,6 +195,8 @@ impl Sinks {
     /// The sink of `connector`: its own choice, else the daemon's.
     pub fn for_connector(&self, connector: &ConnectorPlan) -> Result<Arc<dyn Sink>, String> {
         let kind = connector.sink.unwrap_or(self.default);
+        kind.fits_state(self.store.is_postgres())
+            .map_err(|e| format!("{}: sink: {e}", connector.broker))?;
         let remote = |keep_local| match &self.track360 {
             Some(client) => Ok(Arc::new(track360::Track360Sink::new(
                 Arc::clone(client),
@@ -204,7 +209,9 @@ impl Sinks {
             )),
         };
         match kind {
-            SinkKind::Sqlite => Ok(Arc::new(EmbeddedSink::new(Arc::clone(&self.store)))),
+            SinkKind::Sqlite | SinkKind::Postgres => {
+                Ok(Arc::new(EmbeddedSink::new(Arc::clone(&self.store))))
+            }
             SinkKind::Track360 => remote(false),
             SinkKind::Both => remote(true),
         }

@@ -95,6 +95,10 @@ pub enum SourceError {
         message: String,
         retryable: bool,
     },
+    /// The run's lease was lost (a fleet's daemon paused or cut off past its TTL): another
+    /// daemon may be paging this (broker, entity) now, so this one asks nothing more.
+    #[error("lease of {lease} lost: no further request (another daemon may hold it now)")]
+    LeaseLost { lease: String },
 }
 
 impl SourceError {
@@ -110,7 +114,8 @@ impl SourceError {
             SourceError::BadPage { .. } => true,
             SourceError::Unstable { .. }
             | SourceError::Oversized { .. }
-            | SourceError::Auth { .. } => false,
+            | SourceError::Auth { .. }
+            | SourceError::LeaseLost { .. } => false,
             SourceError::Query { retryable, .. } => *retryable,
         }
     }
