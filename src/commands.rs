@@ -535,7 +535,14 @@ fn fleet_status(
         .collect();
     let mut out = render(&table);
     if !unheld.is_empty() {
-        out.push_str(&format!("unheld leases (taken at the next heartbeat): {}\n", unheld.join(", ")));
+        let more = unheld.len().saturating_sub(6);
+        let _ = writeln!(
+            out,
+            "{} lease(s) held by no live member (taken at a member's next heartbeat): {}{}",
+            unheld.len(),
+            unheld[..unheld.len().min(6)].join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
+        );
     }
     Ok(out)
 }

@@ -123,6 +123,7 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| failed(e.to_string()))?;
+        let idle = millis(plan.lease_ttl).to_string();
         let mut options = PgConnectOptions::from_str(&plan.url)
             .map_err(|e| failed(e.to_string()))?
             .application_name("t360-connector")
@@ -134,7 +135,13 @@ impl PgStore {
                 Tls::VerifyFull => PgSslMode::VerifyFull,
             })
             // Every statement names its tables bare: the schema is the search path.
-            .options([("search_path", plan.schema.as_str()), ("TimeZone", "UTC")]);
+            // A daemon frozen inside a transaction (SIGSTOP, a VM paused) would hold its lease
+            // row's lock and stall the takeover: the server ends such a session after the TTL.
+            .options([
+                ("search_path", plan.schema.as_str()),
+                ("TimeZone", "UTC"),
+                ("idle_in_transaction_session_timeout", idle.as_str()),
+            ]);
         if let Some(p) = &plan.password {
             options = options.password(p.expose_secret());
         }
@@ -172,7 +179,9 @@ impl PgStore {
 
     fn block<T>(&self, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
         let _context = self.runtime.as_ref().map(|rt| rt.enter());
-        futures_executor::block_on(f).map_err(StoreError::Pg)
+        // Unconstrained: on a worker thread of the caller's runtime, tokio's cooperative budget
+        // would run out and defer every wake-up to a scheduler this loop never yields to.
+        futures_executor::block_on(tokio::task::unconstrained(f)).map_err(StoreError::Pg)
     }
 
     pub fn commit_page(&self, batch: &PageBatch) -> Result<CommitStats, StoreError> {
@@ -185,6 +194,13 @@ impl PgStore {
                 // Rolled back on drop: nothing of the page is written.
                 return Ok(Err(fence.clone()));
             }
+            // One broker's commits one at a time: a transactions page holding an orphan and a
+            // customers page storing its customer, committed side by side, would each miss the
+            // other's row (READ COMMITTED) and leave the orphan held for good.
+            sqlx::query("SELECT pg_advisory_xact_lock(7360, hashtext($1))")
+                .bind(&batch.broker)
+                .execute(&mut *tx)
+                .await?;
             let stats = write_page(&mut tx, batch).await?;
             tx.commit().await?;
             Ok(Ok(stats))
@@ -781,12 +797,28 @@ async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
         .execute(&mut *tx)
         .await?;
     // The schema name is checked (lower-case letters, digits, _) where the settings are read.
-    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        .execute(&mut *tx)
-        .await?;
+    // Created only when missing (`IF NOT EXISTS` would log a server notice at every start).
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(&mut *tx)
+            .await?;
+    if !exists {
+        sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
+            .execute(&mut *tx)
+            .await?;
+    }
+    let versioned: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = 'schema_version')",
+    )
+    .bind(schema)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !versioned {
+        sqlx::query("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            .execute(&mut *tx)
+            .await?;
+    }
     let current: Option<i32> = sqlx::query_scalar("SELECT max(version) FROM schema_version")
         .fetch_one(&mut *tx)
         .await?;

@@ -1,0 +1,794 @@
+//! More than one daemon: the real binary, several at once, sharing brokers through the real
+//! PostgreSQL (`T360_TEST_POSTGRES_URL`, which `.ci/run` sets), each test in a schema of its own.
+//! Daemons are killed (`kill -9`), paused past their lease (`SIGSTOP`/`SIGCONT`) and cut off from
+//! PostgreSQL (a proxy that drops every connection and refuses new ones, as a restart does).
+//!
+//! Without the variable every test here says SKIPPED and passes: `cargo test` on a laptop.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use serde_json::{Value, json};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool, Row as _};
+use support::{
+    Daemon, Dataset, DatasetSpec, Paging, Row, SampleBroker, assert_same, free_port, truth,
+};
+use t360_connector::model::Entity;
+
+fn postgres(test: &str) -> Option<String> {
+    match std::env::var("T360_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("SKIPPED {test}: T360_TEST_POSTGRES_URL is not set (see .ci/run)");
+            None
+        }
+    }
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// Brokers on loopback, one connectors folder every daemon reads, one PostgreSQL schema.
+struct World {
+    dir: tempfile::TempDir,
+    url: String,
+    schema: String,
+    brokers: Vec<SampleBroker>,
+    pool: PgPool,
+    /// `[state]` TOML after the url, for every daemon.
+    state_extra: String,
+}
+
+impl World {
+    async fn start(url: &str, brokers: usize, customers: usize, schedule: &str) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let connectors = dir.path().join("connectors");
+        std::fs::create_dir_all(&connectors).unwrap();
+        let schema = format!(
+            "fleet_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut started = Vec::new();
+        for i in 0..brokers {
+            let data = Dataset::generate(&DatasetSpec {
+                seed: 100 + i as u64,
+                customers,
+                transactions: customers * 2,
+                activity: customers * 2,
+                ..DatasetSpec::default()
+            });
+            let broker =
+                SampleBroker::start("127.0.0.1:0".parse().unwrap(), data, Paging::Cursor, None)
+                    .await
+                    .unwrap();
+            std::fs::write(
+                connectors.join(format!("b{i:02}.toml")),
+                format!(
+                    r#"broker = "b{i:02}"
+kind = "rest"
+preset = "track360-standard"
+
+[rest]
+base_url = "{url}"
+allow_http = true
+per_page = 10
+timeout = "10s"
+max_retry_time = "2s"
+rate_limit = "5000/s"
+
+[sync]
+lookback = "1h"
+settle = "0s"
+
+[schedule]
+customers = "{schedule}"
+transactions = "{schedule}"
+trading_activity = "{schedule}"
+"#,
+                    url = broker.base_url()
+                ),
+            )
+            .unwrap();
+            started.push(broker);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(url)
+            .await
+            .expect("the test PostgreSQL");
+        World {
+            dir,
+            url: url.to_owned(),
+            schema,
+            brokers: started,
+            pool,
+            state_extra: "lease_ttl = \"3s\"\nheartbeat = \"1s\"\n".into(),
+        }
+    }
+
+    /// A daemon with its own settings file and listener, on the shared folder and schema.
+    fn daemon(&self, state_url: &str) -> Daemon {
+        let port = free_port();
+        let config = self.dir.path().join(format!("daemon-{port}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"state-{port}\"\nconnectors_dir = \"{connectors}\"\n\
+                 [daemon]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\
+                 [state]\nbackend = \"postgres\"\nurl = \"{state_url}\"\ntls = \"disable\"\n\
+                 schema = \"{schema}\"\n{extra}",
+                connectors = self.dir.path().join("connectors").display(),
+                schema = self.schema,
+                extra = self.state_extra,
+            ),
+        )
+        .unwrap();
+        let log = self.dir.path().join(format!("daemon-{port}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_t360-connector"))
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn the daemon");
+        Daemon { child, port, log }
+    }
+
+    fn daemon_pid(&self, d: &Daemon) -> String {
+        format!("/{}/", d.child.id())
+    }
+
+    /// Valid live leases per holder.
+    async fn holders(&self) -> BTreeMap<String, BTreeSet<(String, String)>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT holder, broker, entity FROM {}.leases
+             WHERE lane = 'live' AND holder IS NOT NULL AND expires_at > now()",
+            self.schema
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        let mut out: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
+        for r in rows {
+            out.entry(r.get(0))
+                .or_default()
+                .insert((r.get(1), r.get(2)));
+        }
+        out
+    }
+
+    /// How many pairs the daemon `d` holds now.
+    async fn held_by(&self, d: &Daemon) -> usize {
+        let pid = self.daemon_pid(d);
+        self.holders()
+            .await
+            .iter()
+            .filter(|(h, _)| h.contains(&pid))
+            .map(|(_, p)| p.len())
+            .sum()
+    }
+
+    fn pairs(&self) -> usize {
+        self.brokers.len() * 3
+    }
+
+    async fn rows(&self, broker: &str, entity: Entity) -> BTreeMap<String, Row> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM {}.{} WHERE broker = $1",
+            self.schema,
+            entity.as_str()
+        )))
+        .bind(broker)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        rows.iter()
+            .map(|r| {
+                let mut row = Row::new();
+                for c in entity.fields() {
+                    row.insert(c.to_string(), r.get::<Option<String>, _>(*c));
+                }
+                let key = entity
+                    .key_fields()
+                    .iter()
+                    .map(|f| row[*f].clone().unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("|");
+                (key, row)
+            })
+            .collect()
+    }
+
+    /// Whether every broker's every entity in PostgreSQL equals the broker's data.
+    async fn converged(&self) -> bool {
+        for (i, b) in self.brokers.iter().enumerate() {
+            for entity in Entity::ALL {
+                let want = b.with_data(|d| truth(d, entity));
+                if self.rows(&format!("b{i:02}"), entity).await != want {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    async fn assert_converged(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.converged().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        for (i, b) in self.brokers.iter().enumerate() {
+            for entity in Entity::ALL {
+                let want = b.with_data(|d| truth(d, entity));
+                assert_same(entity, &self.rows(&format!("b{i:02}"), entity).await, &want);
+            }
+        }
+    }
+
+    /// No broker ever answered two requests for one entity at once: no (broker, entity) was
+    /// paged by two daemons at the same time.
+    fn assert_never_paged_twice_at_once(&self) {
+        for (i, b) in self.brokers.iter().enumerate() {
+            for entity in Entity::ALL {
+                assert!(
+                    b.max_concurrent(entity) <= 1,
+                    "b{i:02}/{entity} was paged by two clients at once"
+                );
+            }
+        }
+    }
+
+    async fn drop_schema(&self) {
+        let _ = sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            self.schema
+        )))
+        .execute(&self.pool)
+        .await;
+    }
+}
+
+/// Changes the brokers' data while the fleet syncs: updated transactions and new customers,
+/// stamped now, until stopped.
+fn mutate(brokers: Vec<SampleBroker>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            let b = &brokers[(n as usize * 7) % brokers.len()];
+            let now = Timestamp::now();
+            b.with_data(|d| {
+                let keys: Vec<String> = d
+                    .table(Entity::Transactions)
+                    .records()
+                    .filter_map(|r| r["transaction_id"].as_str().map(str::to_owned))
+                    .collect();
+                let key = &keys[(n as usize * 13) % keys.len()];
+                d.modify(
+                    Entity::Transactions,
+                    key,
+                    json!({ "amount": format!("{}.{:02}", 100 + n, n % 100) }),
+                    now,
+                );
+                let mut customer: Value = d
+                    .table(Entity::Customers)
+                    .records()
+                    .next()
+                    .cloned()
+                    .expect("a customer");
+                customer["customer_id"] = json!(format!("NEW{n}"));
+                customer["last_modified_date"] = json!(now.to_string());
+                d.put(Entity::Customers, customer);
+            });
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        n
+    })
+}
+
+async fn eventually_async<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_daemons_share_thirty_brokers_a_fourth_takes_its_share_and_a_killed_ones_work_moves()
+ {
+    let Some(url) = postgres("three_daemons_share_thirty_brokers") else {
+        return;
+    };
+    let world = World::start(&url, 30, 12, "*/2 * * * * *").await;
+    // Requests that take a moment: a sync is seen in flight, and two clients paging one
+    // (broker, entity) at once would overlap.
+    for b in &world.brokers {
+        b.set_delay(Duration::from_millis(30));
+    }
+    let pairs = world.pairs();
+    let mut daemons: Vec<Daemon> = (0..3).map(|_| world.daemon(&world.url)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mutations = mutate(world.brokers.clone(), Arc::clone(&stop));
+
+    // Every pair is held, and each daemon holds at most its share: ceil(90 / 3) = 30.
+    let shared = eventually_async(Duration::from_secs(30), || async {
+        let holders = world.holders().await;
+        let total: usize = holders.values().map(BTreeSet::len).sum();
+        total == pairs && holders.len() == 3 && holders.values().all(|p| p.len() <= 30)
+    })
+    .await;
+    assert!(
+        shared,
+        "90 pairs not shared by 3 daemons: {:?}",
+        world
+            .holders()
+            .await
+            .iter()
+            .map(|(h, p)| (h, p.len()))
+            .collect::<Vec<_>>()
+    );
+
+    eprintln!("fleet: 90 pairs shared by 3 daemons");
+    // A fourth daemon joins: its share is ceil(90 / 4) = 23, and it gets it.
+    daemons.push(world.daemon(&world.url));
+    let joined = eventually_async(Duration::from_secs(30), || async {
+        let holders = world.holders().await;
+        let total: usize = holders.values().map(BTreeSet::len).sum();
+        world.held_by(&daemons[3]).await >= 20
+            && holders.values().all(|p| p.len() <= 23)
+            && total == pairs
+    })
+    .await;
+    assert!(
+        joined,
+        "the fourth daemon did not take its share: {:?}",
+        world
+            .holders()
+            .await
+            .iter()
+            .map(|(h, p)| (h, p.len()))
+            .collect::<Vec<_>>()
+    );
+
+    eprintln!("fleet: the fourth daemon took its share");
+    // kill -9 of a daemon in the middle of a sync of one of its brokers.
+    let victim = 0;
+    let pid = world.daemon_pid(&daemons[victim]);
+    let victims: BTreeSet<String> = world
+        .holders()
+        .await
+        .into_iter()
+        .filter(|(h, _)| h.contains(&pid))
+        .flat_map(|(_, p)| p.into_iter().map(|(b, _)| b))
+        .collect();
+    let mid_sync = eventually_async(Duration::from_secs(20), || async {
+        victims.iter().any(|b| {
+            let i: usize = b[1..].parse().unwrap();
+            world.brokers[i].in_flight() > 0
+        })
+    })
+    .await;
+    assert!(mid_sync, "the victim never synced one of its brokers");
+    daemons[victim].child.kill().unwrap();
+    daemons[victim].child.wait().unwrap();
+    let killed_at = Instant::now();
+
+    // Its leases expire after the TTL (3 s) and the others take them over, within a heartbeat
+    // (1 s) more; the taken-over pairs sync again at once (their tick was missed).
+    let moved = eventually_async(Duration::from_secs(15), || async {
+        let holders = world.holders().await;
+        let total: usize = holders.values().map(BTreeSet::len).sum();
+        total == pairs && !holders.keys().any(|h| h.contains(&pid))
+    })
+    .await;
+    let took = killed_at.elapsed();
+    assert!(moved, "the killed daemon's pairs were not taken over");
+    assert!(
+        took < Duration::from_secs(3 + 1 + 2 + 2),
+        "took over after {took:?}, more than TTL + heartbeat + a schedule interval"
+    );
+    eprintln!("fleet: the killed daemon's pairs moved after {took:?}");
+    let since_kill = Timestamp::now();
+    let synced_again = eventually_async(Duration::from_secs(10), || async {
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(DISTINCT (broker, entity)) FROM {}.runs
+             WHERE outcome = 'success' AND finished_at > $1",
+            world.schema
+        )))
+        .bind(since_kill.to_string().parse::<chrono::DateTime<chrono::Utc>>().unwrap())
+        .fetch_one(&world.pool)
+        .await
+        .unwrap_or(0);
+        n as usize == pairs
+    })
+    .await;
+    assert!(synced_again, "not every pair synced after the takeover");
+
+    eprintln!("fleet: every pair synced again after the kill");
+    // The brokers stop changing; the store converges on every broker's data exactly.
+    stop.store(true, Ordering::SeqCst);
+    let changes = mutations.await.unwrap();
+    assert!(changes > 20, "only {changes} mutations ran");
+    world.assert_converged(Duration::from_secs(40)).await;
+    world.assert_never_paged_twice_at_once();
+
+    // Takeovers were counted by the survivors, and `status` shows the members.
+    let mut takeovers = 0.0;
+    for d in &daemons[1..] {
+        let (_, body) = d.get("/metrics").await.expect("metrics");
+        takeovers += metric(&body, "t360_fleet_takeovers_total");
+        assert_eq!(metric(&body, "t360_fleet_members"), 3.0, "{body}");
+    }
+    assert!(takeovers >= 1.0, "no takeover counted");
+    let config = std::fs::read_dir(world.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "toml"))
+        .unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_t360-connector"))
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" alive ")).count(),
+        3,
+        "{text}"
+    );
+    assert!(text.contains("MEMBER") && text.contains("HOLDS"), "{text}");
+    drop(daemons);
+    world.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daemon_paused_past_its_ttl_is_fenced_out_and_writes_nothing_twice() {
+    let Some(url) = postgres("a_daemon_paused_past_its_ttl") else {
+        return;
+    };
+    let world = World::start(&url, 2, 30, "*/2 * * * * *").await;
+    for b in &world.brokers {
+        b.set_delay(Duration::from_millis(150));
+    }
+    let a = world.daemon(&world.url);
+    // A alone first: it holds everything.
+    assert!(
+        eventually_async(Duration::from_secs(20), || async {
+            world.held_by(&a).await == world.pairs()
+        })
+        .await,
+        "the first daemon did not take every pair"
+    );
+    let b = world.daemon(&world.url);
+
+    // Pause A while it has a request in flight (mid-sync), past its TTL.
+    let paged = eventually_async(Duration::from_secs(20), || async {
+        world.brokers.iter().any(|b| b.in_flight() > 0)
+    })
+    .await;
+    assert!(paged, "A never synced");
+    a.signal("STOP");
+    let paused_at = Timestamp::now();
+    // B takes A's leases over (TTL 3 s + a heartbeat) and syncs them.
+    let took = eventually_async(Duration::from_secs(15), || async {
+        world.held_by(&b).await == world.pairs()
+    })
+    .await;
+    assert!(took, "B did not take over the paused daemon's leases");
+    let synced = eventually_async(Duration::from_secs(15), || async {
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(DISTINCT (broker, entity)) FROM {}.runs
+             WHERE outcome = 'success' AND started_at > $1",
+            world.schema
+        )))
+        .bind(paused_at.to_string().parse::<chrono::DateTime<chrono::Utc>>().unwrap())
+        .fetch_one(&world.pool)
+        .await
+        .unwrap_or(0);
+        n as usize == world.pairs()
+    })
+    .await;
+    assert!(synced, "B did not sync every pair");
+    let before: Vec<_> = {
+        let mut v = Vec::new();
+        for e in Entity::ALL {
+            v.push(world.rows("b00", e).await);
+        }
+        v
+    };
+
+    // A resumes: its lease is gone. The page it had in hand is refused at commit, and it asks
+    // the brokers for nothing more.
+    let requests_before: Vec<u64> = world
+        .brokers
+        .iter()
+        .map(|b| Entity::ALL.iter().map(|e| b.requests(*e)).sum())
+        .collect();
+    a.signal("CONT");
+    let refused = eventually_async(Duration::from_secs(10), || async {
+        let logs = a.logs();
+        logs.contains("Lease lost") && logs.contains("commit was refused")
+    })
+    .await;
+    assert!(
+        refused,
+        "the resumed daemon neither lost its lease nor had its commit refused:\n{}",
+        a.logs()
+    );
+    let (_, body) = a.get("/metrics").await.expect("metrics of A");
+    assert!(
+        metric(&body, "t360_fleet_fencing_rejections_total") >= 1.0,
+        "{body}"
+    );
+    // B alone pages them now (its own requests only: A's would show as concurrency or as
+    // requests while B is idle between ticks).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(world.held_by(&a).await, 0, "A took leases back while B holds its share");
+    world.assert_never_paged_twice_at_once();
+    let _ = requests_before;
+    // Nothing written twice or lost: B's rows stand and equal the brokers' data.
+    let mut after = Vec::new();
+    for e in Entity::ALL {
+        after.push(world.rows("b00", e).await);
+    }
+    assert_eq!(before, after, "the stale daemon changed stored rows");
+    world.assert_converged(Duration::from_secs(20)).await;
+    drop((a, b));
+    world.drop_schema().await;
+}
+
+/// A TCP proxy in front of PostgreSQL that can drop every connection and refuse new ones for a
+/// while: what a PostgreSQL restart looks like from the daemons.
+struct Proxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(AtomicU64::new(0));
+        let (d, g) = (Arc::clone(&down), Arc::clone(&generation));
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if d.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let (target, g2, born) = (target.clone(), Arc::clone(&g), g.load(Ordering::SeqCst));
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+                    tokio::pin!(copy);
+                    loop {
+                        tokio::select! {
+                            _ = &mut copy => return,
+                            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                                if g2.load(Ordering::SeqCst) != born {
+                                    return; // cut: both sockets dropped
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            down,
+            generation,
+        }
+    }
+
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_outage_fails_runs_cleanly_and_the_fleet_recovers_by_itself() {
+    let Some(url) = postgres("a_postgres_outage") else {
+        return;
+    };
+    let world = World::start(&url, 6, 10, "* * * * * *").await;
+    let parsed = url::Url::parse(&url).unwrap();
+    let target = format!(
+        "{}:{}",
+        parsed.host_str().unwrap_or("127.0.0.1"),
+        parsed.port().unwrap_or(5432)
+    );
+    let proxy = Proxy::start(target).await;
+    let mut via_proxy = parsed.clone();
+    via_proxy.set_host(Some("127.0.0.1")).unwrap();
+    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let daemons: Vec<Daemon> = (0..2).map(|_| world.daemon(via_proxy.as_str())).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mutations = mutate(world.brokers.clone(), Arc::clone(&stop));
+    assert!(
+        eventually_async(Duration::from_secs(30), || async {
+            world.holders().await.values().map(BTreeSet::len).sum::<usize>() == world.pairs()
+        })
+        .await,
+        "the fleet never held every pair"
+    );
+
+    // PostgreSQL goes away for 6 s (past the 3 s TTL): every connection dropped, none taken.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    proxy.restore();
+
+    // Both daemons are still running, said what failed, and the fleet holds every pair again.
+    for d in &daemons {
+        let mut d2 = std::process::Command::new("kill");
+        let alive = d2.args(["-0", &d.child.id().to_string()]).status().unwrap();
+        assert!(alive.success(), "a daemon died with PostgreSQL:\n{}", d.logs());
+    }
+    let recovered = eventually_async(Duration::from_secs(20), || async {
+        world.holders().await.values().map(BTreeSet::len).sum::<usize>() == world.pairs()
+    })
+    .await;
+    assert!(recovered, "the fleet did not take every pair back");
+    let logs: String = daemons.iter().map(Daemon::logs).collect();
+    assert!(
+        logs.contains("Fleet heartbeat failed") || logs.contains("Sync failed"),
+        "the outage was not reported:\n{logs}"
+    );
+    stop.store(true, Ordering::SeqCst);
+    mutations.await.unwrap();
+    world.assert_converged(Duration::from_secs(30)).await;
+    world.assert_never_paged_twice_at_once();
+    drop(daemons);
+    world.drop_schema().await;
+}
+
+/// The fence itself, without daemons: a commit under a lease that was taken over is refused
+/// whole — no record, no quarantine row, no cursor — and the new holder's commit goes through.
+#[test]
+fn a_commit_under_a_stale_epoch_is_refused_and_writes_nothing() {
+    use t360_connector::config::sql::Tls;
+    use t360_connector::config::state::PgStatePlan;
+    use t360_connector::sink::{PageBatch, Progress, Reject, Stage, Valid};
+    use t360_connector::state::lease::{Fence, LeaseLane};
+    use t360_connector::state::postgres::PgStore;
+    let Some(url) = postgres("a_commit_under_a_stale_epoch_is_refused") else {
+        return;
+    };
+    let schema = format!("fence_{}", std::process::id());
+    let plan = PgStatePlan {
+        url: url.clone(),
+        password: None,
+        tls: Tls::Disable,
+        ca_file: None,
+        schema: schema.clone(),
+        max_connections: 2,
+        lease_ttl: Duration::from_secs(1),
+        heartbeat: Duration::from_millis(300),
+    };
+    let a = PgStore::open(&plan).unwrap();
+    let b = PgStore::open(&plan).unwrap();
+    let ttl = Duration::from_millis(500);
+    let won_a = a
+        .acquire("acme", Entity::Customers, LeaseLane::Live, ttl)
+        .unwrap()
+        .expect("a free lease");
+    assert!(
+        b.acquire("acme", Entity::Customers, LeaseLane::Live, ttl)
+            .unwrap()
+            .is_none(),
+        "a held lease was granted twice"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let won_b = b
+        .acquire("acme", Entity::Customers, LeaseLane::Live, Duration::from_secs(5))
+        .unwrap()
+        .expect("an expired lease is free");
+    assert_eq!(won_b.epoch, won_a.epoch + 1);
+    assert_eq!(won_b.taken_from.as_deref(), Some(a.member()));
+
+    let record = |id: &str| {
+        t360_connector::validate::validate(
+            Entity::Customers,
+            &json!({"customer_id": id, "signup_date": "2026-01-01T00:00:00Z",
+                    "last_modified_date": "2026-01-02T00:00:00Z", "affiliate_id": "AFF1"}),
+        )
+        .unwrap()
+    };
+    let batch = |holder: &PgStore, epoch: i64, id: &str| PageBatch {
+        broker: "acme".into(),
+        entity: Entity::Customers,
+        records: vec![Valid { record: record(id) }],
+        rejects: vec![Reject {
+            key: format!("bad-{id}"),
+            raw: "{}".into(),
+            reasons: vec!["test".into()],
+            stage: Stage::Validation,
+        }],
+        progress: Progress::Cursor("2026-01-03T00:00:00Z".parse().unwrap()),
+        keep_records: true,
+        stage_records: false,
+        hold_orphans: true,
+        fence: Some(Fence {
+            broker: "acme".into(),
+            entity: Entity::Customers,
+            lane: LeaseLane::Live,
+            holder: holder.member().to_owned(),
+            epoch,
+        }),
+    };
+    let stale = a.commit_page(&batch(&a, won_a.epoch, "FROM-A"));
+    assert!(
+        matches!(stale, Err(t360_connector::state::StoreError::Fenced(..))),
+        "{stale:?}"
+    );
+    assert_eq!(a.cursor("acme", Entity::Customers).unwrap(), None);
+    assert_eq!(a.quarantine_count("acme", Entity::Customers).unwrap(), 0);
+    assert!(
+        !a.renew(
+            &[batch(&a, won_a.epoch, "x").fence.unwrap()],
+            Duration::from_secs(5)
+        )
+        .unwrap()[0],
+        "a lost lease was renewed"
+    );
+    // The same commit under the current holder and epoch goes through.
+    b.commit_page(&batch(&b, won_b.epoch, "FROM-B")).unwrap();
+    assert!(b.cursor("acme", Entity::Customers).unwrap().is_some());
+    let status = b.status(&[]).unwrap();
+    assert_eq!(status[0].stored, 1, "only B's record is stored: {status:?}");
+    assert_eq!(status[0].quarantined, 1);
+    // A wrong holder with the right epoch is refused too.
+    let forged = a.commit_page(&batch(&a, won_b.epoch, "FORGED"));
+    assert!(matches!(forged, Err(t360_connector::state::StoreError::Fenced(..))));
+    drop((a, b));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let pool = PgPoolOptions::new().connect(&url).await.unwrap();
+        sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&pool)
+            .await
+            .unwrap();
+    });
+}
