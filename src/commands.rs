@@ -13,6 +13,7 @@ use crate::cli::{
     BackfillArgs, DemoArgs, QuarantineArgs, QuarantineCommand, ReconcileArgs, ReportFormat,
     SampleBrokerArgs, SyncArgs,
 };
+use crate::config::state::StatePlan;
 use crate::config::{self, ConnectorPlan, Loaded, plan::parse_instant};
 use crate::engine::Runner;
 use crate::model::Entity;
@@ -20,7 +21,6 @@ use crate::reconcile;
 use crate::sample_broker::{Dataset, DatasetSpec, OAuthClient, Paging, SampleBroker};
 use crate::sink::{Sink, Sinks, Stage};
 use crate::source::Source;
-use crate::config::state::StatePlan;
 use crate::state::lease::{Fence, Lease, LeaseLane};
 use crate::state::{QuarantineFilter, Store, StoreError};
 
@@ -153,7 +153,15 @@ pub async fn sync(config_path: Option<&std::path::Path>, args: &SyncArgs) -> any
             }
             runs += 1;
             // With the postgres state, the live lease: a daemon of the fleet may hold it.
-            let held = match CommandLease::take(&store, &loaded.settings, &plan.broker, entity, LeaseLane::Live).await {
+            let held = match CommandLease::take(
+                &store,
+                &loaded.settings,
+                &plan.broker,
+                entity,
+                LeaseLane::Live,
+            )
+            .await
+            {
                 Ok(held) => held,
                 Err(e) => {
                     error!(error = %e, "Sync not run.");
@@ -210,7 +218,14 @@ pub async fn backfill(
     let now = Timestamp::now();
     for entity in entities(plan, args.entity)? {
         // With the postgres state, the backfill lease: one backfill of a pair at a time.
-        let held = CommandLease::take(&store, &loaded.settings, &plan.broker, entity, LeaseLane::Backfill).await?;
+        let held = CommandLease::take(
+            &store,
+            &loaded.settings,
+            &plan.broker,
+            entity,
+            LeaseLane::Backfill,
+        )
+        .await?;
         let mut runner = wired.runner(plan, &store, stop.clone());
         runner.lease = held.as_ref().map(CommandLease::lease);
         let bar = backfill::progress_bar();
@@ -505,15 +520,21 @@ fn fleet_status(
 ) -> anyhow::Result<String> {
     let mine = crate::daemon::coordinator::folder_hash(&loaded.settings.connectors_dir);
     let leases = pg.leases()?;
-    let mut table = vec![
-        ["MEMBER", "STATE", "LAST HEARTBEAT", "CONFIG", "HOLDS"].map(String::from),
-    ];
+    let mut table =
+        vec![["MEMBER", "STATE", "LAST HEARTBEAT", "CONFIG", "HOLDS"].map(String::from)];
     let now = Timestamp::now();
     for m in pg.members(ttl)? {
         let holds: Vec<String> = leases
             .iter()
             .filter(|l| l.valid && l.holder.as_deref() == Some(m.id.as_str()))
-            .map(|l| format!("{}/{}{}", l.broker, l.entity, if l.lane == "live" { "" } else { " (backfill)" }))
+            .map(|l| {
+                format!(
+                    "{}/{}{}",
+                    l.broker,
+                    l.entity,
+                    if l.lane == "live" { "" } else { " (backfill)" }
+                )
+            })
             .collect();
         let config = if m.config_hash == mine {
             m.config_hash[..12.min(m.config_hash.len())].to_owned()
@@ -541,7 +562,11 @@ fn fleet_status(
             "{} lease(s) held by no live member (taken at a member's next heartbeat): {}{}",
             unheld.len(),
             unheld[..unheld.len().min(6)].join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
         );
     }
     Ok(out)

@@ -114,6 +114,11 @@ trading_activity = "{schedule}"
 
     /// A daemon with its own settings file and listener, on the shared folder and schema.
     fn daemon(&self, state_url: &str) -> Daemon {
+        self.daemon_reading(state_url, &self.dir.path().join("connectors"))
+    }
+
+    /// A daemon reading the connectors folder `connectors`.
+    fn daemon_reading(&self, state_url: &str, connectors: &std::path::Path) -> Daemon {
         let port = free_port();
         let config = self.dir.path().join(format!("daemon-{port}.toml"));
         std::fs::write(
@@ -123,7 +128,7 @@ trading_activity = "{schedule}"
                  [daemon]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\
                  [state]\nbackend = \"postgres\"\nurl = \"{state_url}\"\ntls = \"disable\"\n\
                  schema = \"{schema}\"\n{extra}",
-                connectors = self.dir.path().join("connectors").display(),
+                connectors = connectors.display(),
                 schema = self.schema,
                 extra = self.state_extra,
             ),
@@ -323,7 +328,7 @@ fn metric(body: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_daemons_share_thirty_brokers_a_fourth_takes_its_share_and_a_killed_ones_work_moves()
- {
+{
     let Some(url) = postgres("three_daemons_share_thirty_brokers") else {
         return;
     };
@@ -423,7 +428,12 @@ async fn three_daemons_share_thirty_brokers_a_fourth_takes_its_share_and_a_kille
              WHERE outcome = 'success' AND finished_at > $1",
             world.schema
         )))
-        .bind(since_kill.to_string().parse::<chrono::DateTime<chrono::Utc>>().unwrap())
+        .bind(
+            since_kill
+                .to_string()
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap(),
+        )
         .fetch_one(&world.pool)
         .await
         .unwrap_or(0);
@@ -511,7 +521,12 @@ async fn a_daemon_paused_past_its_ttl_is_fenced_out_and_writes_nothing_twice() {
              WHERE outcome = 'success' AND started_at > $1",
             world.schema
         )))
-        .bind(paused_at.to_string().parse::<chrono::DateTime<chrono::Utc>>().unwrap())
+        .bind(
+            paused_at
+                .to_string()
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap(),
+        )
         .fetch_one(&world.pool)
         .await
         .unwrap_or(0);
@@ -646,7 +661,13 @@ async fn a_postgres_outage_fails_runs_cleanly_and_the_fleet_recovers_by_itself()
     let mutations = mutate(world.brokers.clone(), Arc::clone(&stop));
     assert!(
         eventually_async(Duration::from_secs(30), || async {
-            world.holders().await.values().map(BTreeSet::len).sum::<usize>() == world.pairs()
+            world
+                .holders()
+                .await
+                .values()
+                .map(BTreeSet::len)
+                .sum::<usize>()
+                == world.pairs()
         })
         .await,
         "the fleet never held every pair"
@@ -661,10 +682,20 @@ async fn a_postgres_outage_fails_runs_cleanly_and_the_fleet_recovers_by_itself()
     for d in &daemons {
         let mut d2 = std::process::Command::new("kill");
         let alive = d2.args(["-0", &d.child.id().to_string()]).status().unwrap();
-        assert!(alive.success(), "a daemon died with PostgreSQL:\n{}", d.logs());
+        assert!(
+            alive.success(),
+            "a daemon died with PostgreSQL:\n{}",
+            d.logs()
+        );
     }
     let recovered = eventually_async(Duration::from_secs(20), || async {
-        world.holders().await.values().map(BTreeSet::len).sum::<usize>() == world.pairs()
+        world
+            .holders()
+            .await
+            .values()
+            .map(BTreeSet::len)
+            .sum::<usize>()
+            == world.pairs()
     })
     .await;
     assert!(recovered, "the fleet did not take every pair back");
@@ -719,7 +750,12 @@ fn a_commit_under_a_stale_epoch_is_refused_and_writes_nothing() {
     );
     std::thread::sleep(Duration::from_millis(700));
     let won_b = b
-        .acquire("acme", Entity::Customers, LeaseLane::Live, Duration::from_secs(5))
+        .acquire(
+            "acme",
+            Entity::Customers,
+            LeaseLane::Live,
+            Duration::from_secs(5),
+        )
         .unwrap()
         .expect("an expired lease is free");
     assert_eq!(won_b.epoch, won_a.epoch + 1);
@@ -778,7 +814,10 @@ fn a_commit_under_a_stale_epoch_is_refused_and_writes_nothing() {
     assert_eq!(status[0].quarantined, 1);
     // A wrong holder with the right epoch is refused too.
     let forged = a.commit_page(&batch(&a, won_b.epoch, "FORGED"));
-    assert!(matches!(forged, Err(t360_connector::state::StoreError::Fenced(..))));
+    assert!(matches!(
+        forged,
+        Err(t360_connector::state::StoreError::Fenced(..))
+    ));
     drop((a, b));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -788,4 +827,175 @@ fn a_commit_under_a_stale_epoch_is_refused_and_writes_nothing() {
             .await
             .unwrap();
     });
+}
+
+/// Mistakes in `[state]` are named by key, before anything connects.
+#[test]
+fn a_bad_state_table_is_reported_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("connectors")).unwrap();
+    let cases = [
+        ("[state]\nbackend = \"postgres\"\n", "state.url"),
+        ("[state]\nbackend = \"mongo\"\n", "state.backend"),
+        (
+            "[state]\nbackend = \"postgres\"\nurl = \"postgres://u:secret@db/x\"\n",
+            "password_env or password_file",
+        ),
+        (
+            "[state]\nbackend = \"postgres\"\nurl = \"postgres://u@db/x\"\nschema = \"Bad-Name\"\n",
+            "state.schema",
+        ),
+        (
+            "[state]\nbackend = \"postgres\"\nurl = \"postgres://u@db/x\"\nlease_ttl = \"3s\"\nheartbeat = \"2s\"\n",
+            "twice the heartbeat",
+        ),
+        (
+            "[state]\nurl = \"postgres://u@db/x\"\n",
+            "only for backend = \"postgres\"",
+        ),
+        (
+            "[sink]\nkind = \"sqlite\"\n[state]\nbackend = \"postgres\"\nurl = \"postgres://u@db/x\"\n",
+            "use `postgres`",
+        ),
+        ("[sink]\nkind = \"postgres\"\n", "needs state.backend"),
+    ];
+    for (toml, expected) in cases {
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, format!("connectors_dir = \"connectors\"\n{toml}")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_t360-connector"))
+            .arg("--config")
+            .arg(&config)
+            .arg("check")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{toml} was accepted:\n{text}");
+        assert!(
+            text.contains(expected),
+            "{toml}: expected {expected:?} in:\n{text}"
+        );
+        assert!(!text.contains("secret"), "the password was echoed:\n{text}");
+    }
+}
+
+/// A backfill with the postgres state runs under the pair's backfill lease: a second backfill
+/// of the same pair is refused while the first runs, and the lease is free once it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_runs_under_its_lease_and_a_second_one_is_refused() {
+    let Some(url) = postgres("a_backfill_runs_under_its_lease") else {
+        return;
+    };
+    let world = World::start(&url, 1, 40, "0 0 1 1 *").await;
+    world.brokers[0].set_delay(Duration::from_millis(40));
+    let config = world.dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "connectors_dir = \"connectors\"\n[state]\nbackend = \"postgres\"\nurl = \"{}\"\n\
+             tls = \"disable\"\nschema = \"{}\"\n{}",
+            world.url, world.schema, world.state_extra
+        ),
+    )
+    .unwrap();
+    let backfill = || {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_t360-connector"));
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["backfill", "--broker", "b00", "--entity", "transactions"])
+            .args(["--since", "2025-12-01T00:00:00Z"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let first = backfill().spawn().unwrap();
+    let leased = eventually_async(Duration::from_secs(20), || async {
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}.leases WHERE lane = 'backfill' AND holder IS NOT NULL
+             AND expires_at > now()",
+            world.schema
+        )))
+        .fetch_one(&world.pool)
+        .await
+        .unwrap_or(0);
+        n == 1
+    })
+    .await;
+    assert!(leased, "the backfill took no lease");
+    let second = backfill().output().unwrap();
+    let text = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "a second backfill ran beside the first: {text}"
+    );
+    assert!(text.contains("backfill lease is held by"), "{text}");
+    let first = first.wait_with_output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let stored = world.rows("b00", Entity::Transactions).await;
+    let want = world.brokers[0].with_data(|d| truth(d, Entity::Transactions));
+    // Transactions whose customer is not stored yet are held, not lost: count them in.
+    let held: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}.held WHERE entity = 'transactions'",
+        world.schema
+    )))
+    .fetch_one(&world.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored.len() + held as usize, want.len());
+    let free: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT bool_and(holder IS NULL) FROM {}.leases WHERE lane = 'backfill'",
+        world.schema
+    )))
+    .fetch_one(&world.pool)
+    .await
+    .unwrap();
+    assert!(free, "the backfill kept its lease after it ended");
+    world.drop_schema().await;
+}
+
+/// A daemon whose connectors folder is not the others' says so, and `status` flags it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_a_different_connectors_folder_is_flagged() {
+    let Some(url) = postgres("a_member_with_a_different_connectors_folder") else {
+        return;
+    };
+    let world = World::start(&url, 1, 5, "*/5 * * * * *").await;
+    let a = world.daemon(&world.url);
+    // B reads a copy of the folder with one file changed.
+    let other = world.dir.path().join("connectors-b");
+    std::fs::create_dir_all(&other).unwrap();
+    let text = std::fs::read_to_string(world.dir.path().join("connectors/b00.toml")).unwrap();
+    std::fs::write(
+        other.join("b00.toml"),
+        text.replace("per_page = 10", "per_page = 20"),
+    )
+    .unwrap();
+    let b = world.daemon_reading(&world.url, &other);
+    let warned = eventually_async(Duration::from_secs(15), || async {
+        (a.logs() + &b.logs()).contains("connectors folder differs from other members")
+    })
+    .await;
+    assert!(
+        warned,
+        "no member said its folder differs:\n{}\n{}",
+        a.logs(),
+        b.logs()
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_t360-connector"))
+        .arg("--config")
+        .arg(world.dir.path().join(format!("daemon-{}.toml", a.port)))
+        .arg("status")
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(status.matches("DIFFERS").count(), 1, "{status}");
+    drop((a, b));
+    world.drop_schema().await;
 }

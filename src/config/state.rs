@@ -95,7 +95,9 @@ fn postgres_plan(raw: &RawState, problems: &mut Problems) -> Option<PgStatePlan>
     if !schema_ok {
         problems.add(
             "state.schema",
-            format!("`{schema}` is not a schema name (lower-case letters, digits and _, at most 63)"),
+            format!(
+                "`{schema}` is not a schema name (lower-case letters, digits and _, at most 63)"
+            ),
         );
     }
     let max_connections = match raw.max_connections {
@@ -113,8 +115,9 @@ fn postgres_plan(raw: &RawState, problems: &mut Problems) -> Option<PgStatePlan>
         .map(|d| d.unsigned_abs());
     let heartbeat = match (&raw.heartbeat, ttl) {
         (None, Some(ttl)) => Some(ttl / 3),
-        (text, _) => optional_duration(text, "10s", "state.heartbeat", problems)
-            .map(|d| d.unsigned_abs()),
+        (text, _) => {
+            optional_duration(text, "10s", "state.heartbeat", problems).map(|d| d.unsigned_abs())
+        }
     };
     if let (Some(ttl), Some(beat)) = (ttl, heartbeat)
         && (ttl < Duration::from_secs(2) || beat * 2 > ttl)

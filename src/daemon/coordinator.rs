@@ -216,7 +216,9 @@ impl Coordinator {
                             info!(broker = %pair.0, entity = %pair.1, epoch = won.epoch, from = %previous,
                                 "Took over a lease whose holder stopped renewing it.");
                         }
-                        None => info!(broker = %pair.0, entity = %pair.1, epoch = won.epoch, "Lease acquired."),
+                        None => {
+                            info!(broker = %pair.0, entity = %pair.1, epoch = won.epoch, "Lease acquired.")
+                        }
                     }
                     let lease = Arc::new(Lease::new(fence, won.sent_at, self.ttl));
                     self.set(
@@ -280,7 +282,11 @@ pub fn folder_hash(dir: &Path) -> String {
     files.sort();
     let mut h = Sha256::new();
     for f in files {
-        h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        h.update(
+            f.file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default(),
+        );
         h.update([0]);
         h.update(std::fs::read(&f).unwrap_or_default());
         h.update([0]);

@@ -28,10 +28,10 @@ use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::config::state::StatePlan;
-use coordinator::Coordinator;
 use crate::sink::Sinks;
 use crate::state::Store;
 use crate::telemetry;
+use coordinator::Coordinator;
 use fleet::Fleet;
 use health::Health;
 

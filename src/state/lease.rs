@@ -112,7 +112,10 @@ mod tests {
     fn a_lease_is_valid_until_its_ttl_less_a_margin_from_the_renewal_sent() {
         let long_ago = Instant::now() - Duration::from_secs(10);
         let lease = Lease::new(fence(), long_ago, Duration::from_secs(5));
-        assert!(!lease.is_valid(), "expired ten seconds after a five-second grant");
+        assert!(
+            !lease.is_valid(),
+            "expired ten seconds after a five-second grant"
+        );
         lease.renewed(Instant::now(), Duration::from_secs(5));
         assert!(lease.is_valid());
         // A late answer to an older renewal never shortens the lease.

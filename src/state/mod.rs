@@ -6,8 +6,8 @@
 //! PostgreSQL (`postgres`: a fleet of daemons sharing the brokers, with leases and fencing).
 
 pub mod lease;
-pub mod postgres;
 mod pg_schema;
+pub mod postgres;
 pub(crate) mod schema;
 mod sqlite;
 
@@ -40,9 +40,13 @@ pub enum StoreError {
     #[error("state database (PostgreSQL) {url}: {message}")]
     PgOpen { url: String, message: String },
     /// The commit's lease was taken over or expired: nothing of it was written.
-    #[error("lease of {0} lost (fencing epoch {1} is stale): the commit was refused, nothing was written")]
+    #[error(
+        "lease of {0} lost (fencing epoch {1} is stale): the commit was refused, nothing was written"
+    )]
     Fenced(String, i64),
-    #[error("{0} needs the sqlite state backend (not yet supported with state.backend = \"postgres\")")]
+    #[error(
+        "{0} needs the sqlite state backend (not yet supported with state.backend = \"postgres\")"
+    )]
     Unsupported(&'static str),
 }
 
@@ -97,7 +101,6 @@ pub struct BackfillProgress {
     pub done_until: Timestamp,
     pub finished: bool,
 }
-
 
 /// Which quarantined records a command acts on (`None`: any).
 #[derive(Debug, Clone, Default)]

@@ -86,8 +86,7 @@ impl Drop for PgStore {
 }
 
 fn to_chrono(t: Timestamp) -> DateTime<Utc> {
-    DateTime::from_timestamp(t.as_second(), t.subsec_nanosecond().max(0) as u32)
-        .unwrap_or_default()
+    DateTime::from_timestamp(t.as_second(), t.subsec_nanosecond().max(0) as u32).unwrap_or_default()
 }
 
 fn from_chrono(t: DateTime<Utc>) -> Timestamp {
@@ -213,12 +212,13 @@ impl PgStore {
 
     pub fn cursor(&self, broker: &str, entity: Entity) -> Result<Option<Timestamp>, StoreError> {
         self.block(async {
-            let t: Option<DateTime<Utc>> =
-                sqlx::query_scalar("SELECT cursor FROM checkpoints WHERE broker = $1 AND entity = $2")
-                    .bind(broker)
-                    .bind(entity.as_str())
-                    .fetch_optional(&self.pool)
-                    .await?;
+            let t: Option<DateTime<Utc>> = sqlx::query_scalar(
+                "SELECT cursor FROM checkpoints WHERE broker = $1 AND entity = $2",
+            )
+            .bind(broker)
+            .bind(entity.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
             Ok(t.map(from_chrono))
         })
     }
@@ -366,8 +366,10 @@ impl PgStore {
     pub fn status(&self, configured: &[(String, Entity)]) -> Result<Vec<EntityStatus>, StoreError> {
         let mut pairs: Vec<(String, Entity)> = configured.to_vec();
         let known: Vec<(String, String)> = self.block(
-            sqlx::query_as("SELECT broker, entity FROM checkpoints UNION SELECT broker, entity FROM runs")
-                .fetch_all(&self.pool),
+            sqlx::query_as(
+                "SELECT broker, entity FROM checkpoints UNION SELECT broker, entity FROM runs",
+            )
+            .fetch_all(&self.pool),
         )?;
         pairs.extend(
             known
@@ -524,7 +526,9 @@ impl PgStore {
                 error: r.try_get(10)?,
             })
         };
-        rows.iter().map(|r| read(r).map_err(StoreError::Pg)).collect()
+        rows.iter()
+            .map(|r| read(r).map_err(StoreError::Pg))
+            .collect()
     }
 
     pub fn quarantine(&self, filter: &QuarantineFilter) -> Result<Vec<Quarantined>, StoreError> {
@@ -553,7 +557,9 @@ impl PgStore {
                 times_seen: r.try_get(6)?,
             })
         };
-        rows.iter().map(|r| read(r).map_err(StoreError::Pg)).collect()
+        rows.iter()
+            .map(|r| read(r).map_err(StoreError::Pg))
+            .collect()
     }
 
     pub fn purge_quarantine(&self, filter: &QuarantineFilter) -> Result<usize, StoreError> {
@@ -633,7 +639,9 @@ impl PgStore {
                 alive: r.try_get(7)?,
             })
         };
-        rows.iter().map(|r| read(r).map_err(StoreError::Pg)).collect()
+        rows.iter()
+            .map(|r| read(r).map_err(StoreError::Pg))
+            .collect()
     }
 
     /// Leaves the fleet: releases every lease of this member and removes it.
@@ -672,7 +680,9 @@ impl PgStore {
                 valid: r.try_get(6)?,
             })
         };
-        rows.iter().map(|r| read(r).map_err(StoreError::Pg)).collect()
+        rows.iter()
+            .map(|r| read(r).map_err(StoreError::Pg))
+            .collect()
     }
 
     /// Takes the lease of (broker, entity, lane) for this member when it is free (released or
@@ -860,7 +870,10 @@ async fn holds(conn: &mut PgConnection, fence: &Fence) -> Result<bool, sqlx::Err
 }
 
 /// The page's writes, as `SqliteStore::commit_page` makes them (see there for the rules).
-async fn write_page(conn: &mut PgConnection, batch: &PageBatch) -> Result<CommitStats, sqlx::Error> {
+async fn write_page(
+    conn: &mut PgConnection,
+    batch: &PageBatch,
+) -> Result<CommitStats, sqlx::Error> {
     let (broker, entity) = (batch.broker.as_str(), batch.entity.as_str());
     let mut stats = CommitStats::default();
     for reject in &batch.rejects {
