@@ -187,6 +187,22 @@ trading_activity = "{schedule}"
         self.brokers.len() * 3
     }
 
+    /// How many (broker, entity) pairs had a successful sync whose `column` (`started_at`,
+    /// `finished_at`) is after `since`.
+    async fn pairs_synced_since(&self, column: &str, since: Timestamp) -> usize {
+        let since: chrono::DateTime<chrono::Utc> = since.to_string().parse().unwrap();
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(DISTINCT (broker, entity)) FROM {}.runs
+             WHERE outcome = 'success' AND {column} > $1",
+            self.schema
+        )))
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap_or(0);
+        n as usize
+    }
+
     async fn rows(&self, broker: &str, entity: Entity) -> BTreeMap<String, Row> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT * FROM {}.{} WHERE broker = $1",
@@ -423,21 +439,7 @@ async fn three_daemons_share_thirty_brokers_a_fourth_takes_its_share_and_a_kille
     eprintln!("fleet: the killed daemon's pairs moved after {took:?}");
     let since_kill = Timestamp::now();
     let synced_again = eventually_async(Duration::from_secs(10), || async {
-        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT count(DISTINCT (broker, entity)) FROM {}.runs
-             WHERE outcome = 'success' AND finished_at > $1",
-            world.schema
-        )))
-        .bind(
-            since_kill
-                .to_string()
-                .parse::<chrono::DateTime<chrono::Utc>>()
-                .unwrap(),
-        )
-        .fetch_one(&world.pool)
-        .await
-        .unwrap_or(0);
-        n as usize == pairs
+        world.pairs_synced_since("finished_at", since_kill).await == pairs
     })
     .await;
     assert!(synced_again, "not every pair synced after the takeover");
@@ -516,21 +518,7 @@ async fn a_daemon_paused_past_its_ttl_is_fenced_out_and_writes_nothing_twice() {
     .await;
     assert!(took, "B did not take over the paused daemon's leases");
     let synced = eventually_async(Duration::from_secs(15), || async {
-        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT count(DISTINCT (broker, entity)) FROM {}.runs
-             WHERE outcome = 'success' AND started_at > $1",
-            world.schema
-        )))
-        .bind(
-            paused_at
-                .to_string()
-                .parse::<chrono::DateTime<chrono::Utc>>()
-                .unwrap(),
-        )
-        .fetch_one(&world.pool)
-        .await
-        .unwrap_or(0);
-        n as usize == world.pairs()
+        world.pairs_synced_since("started_at", paused_at).await == world.pairs()
     })
     .await;
     assert!(synced, "B did not sync every pair");

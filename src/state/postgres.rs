@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use jiff::Timestamp;
 use secrecy::ExposeSecret;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use super::lease::{Fence, LeaseLane};
@@ -27,10 +27,10 @@ use super::{
     BackfillProgress, EntityStatus, QuarantineFilter, Quarantined, Reconciliation, StoreError,
     pg_schema,
 };
-use crate::config::sql::Tls;
 use crate::config::state::PgStatePlan;
 use crate::model::{Entity, Record};
 use crate::sink::{CommitStats, PageBatch, Progress, Reject};
+use crate::source::sql::db::pg_ssl_mode;
 use crate::validate;
 
 pub struct PgStore {
@@ -126,13 +126,7 @@ impl PgStore {
         let mut options = PgConnectOptions::from_str(&plan.url)
             .map_err(|e| failed(e.to_string()))?
             .application_name("t360-connector")
-            .ssl_mode(match plan.tls {
-                Tls::Disable => PgSslMode::Disable,
-                Tls::Prefer => PgSslMode::Prefer,
-                Tls::Require => PgSslMode::Require,
-                Tls::VerifyCa => PgSslMode::VerifyCa,
-                Tls::VerifyFull => PgSslMode::VerifyFull,
-            })
+            .ssl_mode(pg_ssl_mode(plan.tls))
             // Every statement names its tables bare: the schema is the search path.
             // A daemon frozen inside a transaction (SIGSTOP, a VM paused) would hold its lease
             // row's lock and stall the takeover: the server ends such a session after the TTL.

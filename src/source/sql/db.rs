@@ -75,6 +75,17 @@ pub enum Db {
     Sqlite(SqlitePool),
 }
 
+/// A `tls` setting as sqlx's PostgreSQL TLS mode (replicas and the fleet's state database).
+pub(crate) fn pg_ssl_mode(tls: Tls) -> PgSslMode {
+    match tls {
+        Tls::Disable => PgSslMode::Disable,
+        Tls::Prefer => PgSslMode::Prefer,
+        Tls::Require => PgSslMode::Require,
+        Tls::VerifyCa => PgSslMode::VerifyCa,
+        Tls::VerifyFull => PgSslMode::VerifyFull,
+    }
+}
+
 impl Db {
     /// The pool; connections are opened on first use, so a database that is down fails a run,
     /// not the daemon's start.
@@ -87,13 +98,7 @@ impl Db {
                 let mut options = PgConnectOptions::from_str(&plan.url)
                     .map_err(bad_url)?
                     .application_name("t360-connector")
-                    .ssl_mode(match plan.tls {
-                        Tls::Disable => PgSslMode::Disable,
-                        Tls::Prefer => PgSslMode::Prefer,
-                        Tls::Require => PgSslMode::Require,
-                        Tls::VerifyCa => PgSslMode::VerifyCa,
-                        Tls::VerifyFull => PgSslMode::VerifyFull,
-                    })
+                    .ssl_mode(pg_ssl_mode(plan.tls))
                     // Session settings at connection start: read-only whatever the grants,
                     // the server's own statement timeout, and UTC for any cast of a timestamp.
                     .options([
