@@ -30,6 +30,7 @@ use crate::model::Entity;
 use crate::sink::Stage;
 use crate::source::Window;
 use crate::state::Reconciliation;
+use crate::state::Store;
 use crate::telemetry;
 
 /// The days compared: both ends inclusive, UTC calendar days.
@@ -189,15 +190,29 @@ struct Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
+        for base in ["", "-store"] {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let _ = std::fs::remove_file(format!("{}{base}{suffix}", self.path.display()));
+            }
         }
     }
 }
 
 impl Scratch {
-    fn create(store: &Path, broker: &str, entity: Entity) -> Result<Scratch, ReconcileError> {
-        let dir = store.parent().unwrap_or(Path::new("."));
+    /// A scratch database beside the SQLite store, with the store attached read-only as
+    /// `store`. With the PostgreSQL state, the scratch is in the temporary folder and `store`
+    /// is a local copy of the broker's rows of `entity` over `range` (and its held records),
+    /// streamed in: the comparison's SQL is the same either way.
+    fn create(
+        store: &Store,
+        broker: &str,
+        entity: Entity,
+        range: Range,
+    ) -> Result<Scratch, ReconcileError> {
+        let sqlite = store.path().ok();
+        let dir = sqlite
+            .and_then(Path::parent)
+            .map_or_else(std::env::temp_dir, Path::to_owned);
         let path = dir.join(format!(
             "reconcile-{broker}-{entity}-{}-{}.db",
             std::process::id(),
@@ -208,11 +223,12 @@ impl Scratch {
             source,
         };
         let conn = Connection::open(&path).map_err(fail)?;
-        // From here on, dropping the scratch removes its file.
+        // From here on, dropping the scratch removes its files.
         let scratch = Scratch {
             conn: std::sync::Mutex::new(conn),
             path,
         };
+        let copy = scratch.copy_path();
         let init = |conn: &mut Connection| -> rusqlite::Result<()> {
             conn.pragma_update(None, "journal_mode", "OFF")?;
             conn.pragma_update(None, "synchronous", "OFF")?;
@@ -222,15 +238,92 @@ impl Scratch {
                      modified TEXT, raw TEXT NOT NULL) WITHOUT ROWID;
                  CREATE TABLE read_days (day TEXT PRIMARY KEY) WITHOUT ROWID;",
             )?;
-            // The store, read-only: the comparison never writes to it.
-            let uri = format!("file:{}?mode=ro", store.display());
-            conn.execute("ATTACH DATABASE ?1 AS store", [uri])?;
+            match sqlite {
+                // The store, read-only: the comparison never writes to it.
+                Some(store) => {
+                    let uri = format!("file:{}?mode=ro", store.display());
+                    conn.execute("ATTACH DATABASE ?1 AS store", [uri])?;
+                }
+                None => {
+                    crate::state::schema::migrate(&mut Connection::open(&copy)?)?;
+                    conn.execute("ATTACH DATABASE ?1 AS store", [copy.display().to_string()])?;
+                }
+            }
             Ok(())
         };
         if let Err(e) = init(&mut scratch.lock()) {
             return Err(scratch.fail(e));
         }
+        if let Some(pg) = store.postgres() {
+            scratch.copy_from(pg, broker, entity, range)?;
+        }
         Ok(scratch)
+    }
+
+    /// Where the local copy of a PostgreSQL store's rows goes.
+    fn copy_path(&self) -> PathBuf {
+        PathBuf::from(format!("{}-store", self.path.display()))
+    }
+
+    fn copy_from(
+        &self,
+        pg: &crate::state::postgres::PgStore,
+        broker: &str,
+        entity: Entity,
+        range: Range,
+    ) -> Result<(), ReconcileError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(|e| self.fail(e))?;
+        let fields = entity.fields();
+        let insert = format!(
+            "INSERT OR REPLACE INTO store.{} (broker, {}) VALUES (?1, {})",
+            entity.as_str(),
+            fields.join(", "),
+            (2..=fields.len() + 1)
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let days = (range.from.to_string(), range.to.to_string());
+        let mut failed: Option<rusqlite::Error> = None;
+        let mut stmt = tx.prepare(&insert).map_err(|e| self.fail(e))?;
+        let copied = pg.export_rows(broker, entity, day_sql(entity), &days, |row| {
+            let mut values: Vec<Option<&str>> = vec![Some(broker)];
+            values.extend(row.iter().map(Option::as_deref));
+            if let Err(e) = stmt.execute(rusqlite::params_from_iter(values)) {
+                failed.get_or_insert(e);
+            }
+        });
+        drop(stmt);
+        let mut held = tx
+            .prepare(
+                "INSERT OR REPLACE INTO store.held (broker, entity, record_key, customer_id, record,
+                     first_seen, last_seen) VALUES (?1, ?2, ?3, ?4, ?5, '', '')",
+            )
+            .map_err(|e| self.fail(e))?;
+        let copied_held = pg.export_held(broker, entity, |key, customer, record| {
+            if let Err(e) = held.execute(rusqlite::params![
+                broker,
+                entity.as_str(),
+                key,
+                customer,
+                record
+            ]) {
+                failed.get_or_insert(e);
+            }
+        });
+        drop(held);
+        for result in [copied, copied_held] {
+            result.map_err(|source| EngineError::Store {
+                broker: broker.to_owned(),
+                entity,
+                source,
+            })?;
+        }
+        if let Some(e) = failed {
+            return Err(self.fail(e));
+        }
+        tx.commit().map_err(|e| self.fail(e))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -258,15 +351,7 @@ pub async fn compare(
     now: Timestamp,
 ) -> Result<(Report, ScratchHandle), ReconcileError> {
     let plan = runner.plan;
-    let scratch = Scratch::create(
-        runner.store.path().map_err(|source| EngineError::Store {
-            broker: plan.broker.clone(),
-            entity,
-            source,
-        })?,
-        &plan.broker,
-        entity,
-    )?;
+    let scratch = Scratch::create(runner.store, &plan.broker, entity, range)?;
     let start_of = |d: Date| {
         d.to_zoned(jiff::tz::TimeZone::UTC)
             .map(|z| z.timestamp())

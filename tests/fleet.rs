@@ -987,3 +987,122 @@ async fn a_member_with_a_different_connectors_folder_is_flagged() {
     drop((a, b));
     world.drop_schema().await;
 }
+
+/// `reconcile` with the postgres state: the drift in PostgreSQL's entity tables is found per
+/// key, and the repair (through the pipeline) makes them equal to the broker again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_finds_and_repairs_drift_in_the_postgres_store() {
+    let Some(url) = postgres("reconcile_finds_and_repairs_drift_in_the_postgres_store") else {
+        return;
+    };
+    let world = World::start(&url, 1, 20, "0 0 1 1 *").await;
+    let config = world.dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "connectors_dir = \"connectors\"\n[state]\nbackend = \"postgres\"\nurl = \"{}\"\n\
+             tls = \"disable\"\nschema = \"{}\"\n{}",
+            world.url, world.schema, world.state_extra
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_t360-connector"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let synced = run(&["sync"]);
+    assert!(
+        synced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&synced.stderr)
+    );
+    assert!(
+        world.converged().await,
+        "the first sync did not store the broker's data"
+    );
+
+    // Damage the store: one transaction gone, one with another amount.
+    let keys: Vec<String> = world
+        .rows("b00", Entity::Transactions)
+        .await
+        .into_keys()
+        .take(2)
+        .collect();
+    let table = format!("{}.transactions", world.schema);
+    sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM {table} WHERE transaction_id = $1"
+    )))
+    .bind(&keys[0])
+    .execute(&world.pool)
+    .await
+    .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {table} SET amount = '0.01' WHERE transaction_id = $1"
+    )))
+    .bind(&keys[1])
+    .execute(&world.pool)
+    .await
+    .unwrap();
+
+    let args = [
+        "reconcile",
+        "--broker",
+        "b00",
+        "--entity",
+        "transactions",
+        "--from",
+        "2000-01-01",
+        "--to",
+        "2100-12-31",
+        "--format",
+        "json",
+    ];
+    let found = run(&args);
+    let report: Value = serde_json::from_slice(&found.stdout).unwrap_or_else(|_| {
+        panic!("{}", String::from_utf8_lossy(&found.stderr));
+    });
+    assert_eq!(found.status.code(), Some(3), "{report}");
+    let before = &report["reconciliations"][0]["before"];
+    assert_eq!(
+        before["missing"].as_array().map(Vec::len),
+        Some(1),
+        "{before}"
+    );
+    assert_eq!(
+        before["different"].as_array().map(Vec::len),
+        Some(1),
+        "{before}"
+    );
+
+    let mut repair = args.to_vec();
+    repair.push("--repair");
+    let repaired = run(&repair);
+    assert_eq!(
+        repaired.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&repaired.stdout),
+        String::from_utf8_lossy(&repaired.stderr)
+    );
+    let want = world.brokers[0].with_data(|d| truth(d, Entity::Transactions));
+    assert_same(
+        Entity::Transactions,
+        &world.rows("b00", Entity::Transactions).await,
+        &want,
+    );
+    // No scratch file is left behind in the temporary folder.
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("reconcile-b00-transactions-")
+        })
+        .collect();
+    assert!(left.is_empty(), "scratch files left: {left:?}");
+    world.drop_schema().await;
+}

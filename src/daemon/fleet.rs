@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::Context;
 use super::coordinator::folder_hash;
@@ -112,9 +112,7 @@ impl Fleet {
             .iter()
             .map(|&e| (e, self.lock(&plan.broker, e)))
             .collect();
-        if plan.reconcile.schedule.is_some() && self.ctx.coordinator.is_some() {
-            warn!(broker = %plan.broker, "Scheduled reconciliation is not supported with the postgres state yet; [reconcile] schedule is ignored.");
-        } else if plan.reconcile.schedule.is_some() && !reconciled.is_empty() {
+        if plan.reconcile.schedule.is_some() && !reconciled.is_empty() {
             self.ctx.tracker.spawn(reconciler(
                 Arc::clone(&self.ctx),
                 Arc::clone(&plan),

@@ -51,6 +51,15 @@ pub async fn reconciler(
                 _ = tokio::time::sleep(wait) => {}
             }
             for (entity, lock) in &locks {
+                // In a fleet, the member holding the pair's live lease reconciles it, under
+                // that lease (a repair's commits are fenced like a sync's).
+                let lease = match &ctx.coordinator {
+                    None => None,
+                    Some(c) => match c.watch(&plan.broker, *entity).borrow().clone() {
+                        Some(held) => Some(Arc::clone(&held.lease)),
+                        None => continue,
+                    },
+                };
                 let _held = tokio::select! {
                     _ = stop.cancelled() => return,
                     held = Arc::clone(lock).lock_owned() => held,
@@ -68,7 +77,7 @@ pub async fn reconciler(
                     sink: sink.as_ref(),
                     store: &ctx.store,
                     stop: stop.clone(),
-                    lease: None,
+                    lease,
                 };
                 let range = reconcile::last_days(Timestamp::now(), plan.reconcile.days);
                 let done = reconcile::run(

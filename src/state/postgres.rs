@@ -571,6 +571,63 @@ impl PgStore {
         Ok(done.rows_affected() as usize)
     }
 
+    /// Streams the stored rows of `broker`'s `entity` whose day (`day_sql`, the same text
+    /// expression as in SQLite) is within `days`, each as its columns' text in field order.
+    pub fn export_rows(
+        &self,
+        broker: &str,
+        entity: Entity,
+        day_sql: &str,
+        days: &(String, String),
+        mut row: impl FnMut(Vec<Option<String>>),
+    ) -> Result<(), StoreError> {
+        use futures_util::TryStreamExt;
+        let fields = entity.fields();
+        let sql = format!(
+            "SELECT {} FROM {} WHERE broker = $1 AND {day_sql} BETWEEN $2 AND $3",
+            fields.join(", "),
+            entity.as_str()
+        );
+        self.block(async {
+            let mut rows = sqlx::query(AssertSqlSafe(sql))
+                .bind(broker)
+                .bind(&days.0)
+                .bind(&days.1)
+                .fetch(&self.pool);
+            while let Some(r) = rows.try_next().await? {
+                let mut values = Vec::with_capacity(fields.len());
+                for i in 0..fields.len() {
+                    values.push(r.try_get::<Option<String>, _>(i)?);
+                }
+                row(values);
+            }
+            Ok(())
+        })
+    }
+
+    /// Streams the held records of `broker`'s `entity`: key, customer and record (JSON text).
+    pub fn export_held(
+        &self,
+        broker: &str,
+        entity: Entity,
+        mut held: impl FnMut(String, String, String),
+    ) -> Result<(), StoreError> {
+        use futures_util::TryStreamExt;
+        self.block(async {
+            let mut rows = sqlx::query_as::<_, (String, String, String)>(
+                "SELECT record_key, customer_id, record::text FROM held
+                 WHERE broker = $1 AND entity = $2",
+            )
+            .bind(broker)
+            .bind(entity.as_str())
+            .fetch(&self.pool);
+            while let Some((key, customer, record)) = rows.try_next().await? {
+                held(key, customer, record);
+            }
+            Ok(())
+        })
+    }
+
     // ---- the fleet: members and leases ----
 
     /// Registers or refreshes this member; returns the members alive (heartbeat younger than
