@@ -1106,3 +1106,84 @@ async fn reconcile_finds_and_repairs_drift_in_the_postgres_store() {
     assert!(left.is_empty(), "scratch files left: {left:?}");
     world.drop_schema().await;
 }
+
+/// The state database's password, from the environment, appears in no output: not at `trace`,
+/// not from `status`, not when PostgreSQL refuses the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_password_is_never_logged() {
+    let Some(url) = postgres("the_state_password_is_never_logged") else {
+        return;
+    };
+    const SECRET: &str = "pg-state-Secret-7c1f";
+    let mut world = World::start(&url, 1, 5, "* * * * * *").await;
+    world.state_extra = format!("password_env = \"T360_STATE_PW\"\n{}", world.state_extra);
+    let port = free_port();
+    let config = world.dir.path().join("secret.toml");
+    let write = |state_url: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "connectors_dir = \"connectors\"\n[daemon]\nlisten = \"127.0.0.1:{port}\"\n\
+                 [state]\nbackend = \"postgres\"\nurl = \"{state_url}\"\ntls = \"disable\"\n\
+                 schema = \"{}\"\n{}",
+                world.schema, world.state_extra
+            ),
+        )
+        .unwrap();
+    };
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_t360-connector"));
+        cmd.arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("RUST_LOG", "trace")
+            .env("T360_STATE_PW", SECRET);
+        cmd
+    };
+    write(&world.url);
+    // Into a file: at `trace` a pipe nobody reads fills up and stops the daemon.
+    let log = world.dir.path().join("secret.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut daemon = run(&["run"])
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let synced = eventually_async(Duration::from_secs(20), || async {
+        world
+            .pairs_synced_since("finished_at", Timestamp::UNIX_EPOCH)
+            .await
+            == 3
+    })
+    .await;
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let daemon = std::process::Output {
+        status: std::process::ExitStatus::default(),
+        stdout: std::fs::read(&log).unwrap(),
+        stderr: Vec::new(),
+    };
+    assert!(synced, "the daemon did not sync");
+    let status = run(&["status"]).output().unwrap();
+    // A server that refuses the connection (nothing listens there).
+    write(&format!("postgres://nobody@127.0.0.1:{}/none", free_port()));
+    let refused = run(&["status"]).output().unwrap();
+    assert!(!refused.status.success());
+    for (what, out) in [
+        ("daemon", &daemon),
+        ("status", &status),
+        ("refused", &refused),
+    ] {
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.len() > 100, "{what}: little output:\n{text}");
+        assert!(
+            !text.contains(SECRET),
+            "{what} printed the state password:\n{text}"
+        );
+    }
+    world.drop_schema().await;
+}
