@@ -181,19 +181,21 @@ impl PgStore {
         let pool = &self.pool;
         let result = self.block(async {
             let mut tx = pool.begin().await?;
+            // One broker's commits one at a time: a transactions page holding an orphan and a
+            // customers page storing its customer, committed side by side, would each miss the
+            // other's row (READ COMMITTED) and leave the orphan held for good. Taken before the
+            // lease row, never after: a commit holding a lease row never waits on this lock,
+            // so renewals and commits cannot deadlock.
+            sqlx::query("SELECT pg_advisory_xact_lock(7360, hashtext($1))")
+                .bind(&batch.broker)
+                .execute(&mut *tx)
+                .await?;
             if let Some(fence) = &batch.fence
                 && !holds(&mut tx, fence).await?
             {
                 // Rolled back on drop: nothing of the page is written.
                 return Ok(Err(fence.clone()));
             }
-            // One broker's commits one at a time: a transactions page holding an orphan and a
-            // customers page storing its customer, committed side by side, would each miss the
-            // other's row (READ COMMITTED) and leave the orphan held for good.
-            sqlx::query("SELECT pg_advisory_xact_lock(7360, hashtext($1))")
-                .bind(&batch.broker)
-                .execute(&mut *tx)
-                .await?;
             let stats = write_page(&mut tx, batch).await?;
             tx.commit().await?;
             Ok(Ok(stats))
@@ -907,7 +909,8 @@ async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
 /// transaction ends, so a takeover waits for this commit rather than racing it.
 async fn holds(conn: &mut PgConnection, fence: &Fence) -> Result<bool, sqlx::Error> {
     let ok: Option<bool> = sqlx::query_scalar(
-        "SELECT holder = $4 AND epoch = $5 AND expires_at > now() FROM leases
+        // The clock now, not the transaction's start: the advisory lock may have been waited for.
+        "SELECT holder = $4 AND epoch = $5 AND expires_at > clock_timestamp() FROM leases
          WHERE broker = $1 AND entity = $2 AND lane = $3 FOR SHARE",
     )
     .bind(&fence.broker)
