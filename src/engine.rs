@@ -242,8 +242,7 @@ impl Runner<'_> {
         let (handoff, mut handed) = tokio::sync::mpsc::channel::<(PageBatch, usize)>(1);
         let gather = self.sink.batch_records();
         let fetch = async move {
-            self.lease_held().map_err(source_error)?;
-            let mut current = pager.next_page().await.map_err(source_error)?;
+            let mut current = self.next_page(&mut pager).await.map_err(source_error)?;
             while let Some(page) = current {
                 let mut pulled = page.records.len();
                 let mut batch = self.batch(entity, page, &self.plan.mapping);
@@ -253,11 +252,7 @@ impl Runner<'_> {
                 // broker fail, on the way.
                 let mut early: Option<Result<Option<Page>, SourceError>> = None;
                 while early.is_none() && batch.records.len() + batch.rejects.len() < gather {
-                    let next = match self.lease_held() {
-                        Ok(()) => pager.next_page().await,
-                        Err(lost) => Err(lost),
-                    };
-                    match next {
+                    match self.next_page(&mut pager).await {
                         Ok(Some(more)) => {
                             pulled += more.records.len();
                             let extra = self.batch(entity, more, &self.plan.mapping);
@@ -268,12 +263,14 @@ impl Runner<'_> {
                     }
                 }
                 let (delivered, next) = match (early, self.lease_held()) {
-                    (Some(next), _) => (self.sink.deliver(&mut batch).await, next),
-                    // The page in hand still goes to its commit, which the store refuses
-                    // unless the lease is held there (the fence decides, not this clock).
-                    (None, Err(lost)) => (self.sink.deliver(&mut batch).await, Err(lost)),
+                    // The lease may be gone: nothing is delivered (a newer holder may have
+                    // delivered newer versions), and the page in hand goes to its commit only
+                    // for the store to refuse it unless the lease still holds there (the fence
+                    // decides, not this clock).
+                    (_, Err(lost)) => (Ok(()), Err(lost)),
+                    (Some(next), Ok(())) => (self.sink.deliver(&mut batch).await, next),
                     (None, Ok(())) => {
-                        tokio::join!(self.sink.deliver(&mut batch), pager.next_page())
+                        tokio::join!(self.sink.deliver(&mut batch), self.next_page(&mut pager))
                     }
                 };
                 // Undelivered: nothing of this page is committed and the cursor stays.
@@ -384,6 +381,27 @@ impl Runner<'_> {
         Ok(summary)
     }
 
+    /// The pager's next page, unless the run's lease goes first: then the request (its rate
+    /// limit wait, token fetch and retries included) is dropped where it stands, and nothing
+    /// more is asked of the broker. The lease is looked at first on every wake-up, so a
+    /// process resumed after a pause past its lease sends nothing.
+    pub async fn next_page(
+        &self,
+        pager: &mut Box<dyn crate::source::Pager + '_>,
+    ) -> Result<Option<Page>, SourceError> {
+        self.lease_held()?;
+        let Some(lease) = &self.lease else {
+            return pager.next_page().await;
+        };
+        tokio::select! {
+            biased;
+            _ = lease.gone() => Err(SourceError::LeaseLost {
+                lease: lease.fence().to_string(),
+            }),
+            page = pager.next_page() => page,
+        }
+    }
+
     /// Whether the run may still ask the broker for a page: without a lease, always.
     fn lease_held(&self) -> Result<(), SourceError> {
         match &self.lease {
@@ -427,11 +445,13 @@ impl Runner<'_> {
         pulled: usize,
         summary: &mut RunSummary,
     ) -> Result<(), EngineError> {
-        let stats = self
-            .sink
-            .finalize(batch)
-            .await
-            .map_err(|source| self.store_error(entity, source))?;
+        let stats = self.sink.finalize(batch).await.map_err(|source| {
+            // Refused by the fence: the lease is gone, whatever this process's clock says.
+            if let (StoreError::Fenced(..), Some(lease)) = (&source, &self.lease) {
+                lease.lose();
+            }
+            self.store_error(entity, source)
+        })?;
         debug!(records = pulled, stored = stats.stored, "Page stored.");
         telemetry::page_committed(&self.plan.broker, entity, pulled, &stats);
         summary.pages += 1;

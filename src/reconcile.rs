@@ -387,7 +387,7 @@ pub async fn compare(
                 to: start_of(date.tomorrow().unwrap_or(date)) - SignedDuration::from_micros(1),
             };
             let mut pager = sql.pages_by(entity, &day_column, window);
-            while let Some(page) = pager.next_page().await.map_err(source_error)? {
+            while let Some(page) = runner.next_page(&mut pager).await.map_err(source_error)? {
                 keep_page(&scratch, &plan.broker, entity, page.records, &plan.mapping)?;
             }
             scratch
@@ -412,7 +412,7 @@ pub async fn compare(
     };
     let mut pager = runner.source.pages(entity, window);
     let mut pulled = 0u64;
-    while let Some(page) = pager.next_page().await.map_err(source_error)? {
+    while let Some(page) = runner.next_page(&mut pager).await.map_err(source_error)? {
         pulled += page.records.len() as u64;
         keep_page(&scratch, &plan.broker, entity, page.records, &plan.mapping)?;
     }
@@ -798,7 +798,12 @@ pub async fn repair(
         let keys: Vec<String> = report.gone.iter().map(|d| d.key.clone()).collect();
         repaired.deleted = runner
             .store
-            .delete_records(&report.broker, entity, &keys)
+            .delete_records(
+                &report.broker,
+                entity,
+                &keys,
+                runner.lease.as_ref().map(|l| l.fence()),
+            )
             .map_err(|source| EngineError::Store {
                 broker: report.broker.clone(),
                 entity,

@@ -207,6 +207,8 @@ impl FieldReader<'_> {
                 field,
                 format!("is longer than {MAX_STRING_CHARS} characters"),
             ),
+            // No store keeps it as text (PostgreSQL refuses it), and no real value holds it.
+            Some(s) if s.contains('\0') => self.fail(field, "contains a NUL character"),
             Some(s) if s.trim().is_empty() && required == Required::Yes => {
                 self.fail(field, "must not be empty")
             }
@@ -492,6 +494,18 @@ mod tests {
 
     fn reasons(entity: Entity, record: Value) -> Vec<String> {
         validate(entity, &record).err().unwrap_or_default()
+    }
+
+    #[test]
+    fn a_nul_character_in_text_is_a_reason() {
+        let record = json!({
+            "customer_id": "C1", "signup_date": "2026-01-02T03:04:05Z", "affiliate_id": "IB7",
+            "first_name": "An\u{0}na"
+        });
+        assert_eq!(
+            reasons(Entity::Customers, record),
+            ["first_name: contains a NUL character"]
+        );
     }
 
     #[test]

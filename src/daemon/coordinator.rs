@@ -44,6 +44,20 @@ impl Held {
     pub fn set_busy(&self, busy: bool) {
         self.busy.store(busy, Ordering::SeqCst);
     }
+
+    /// Busy until the guard is dropped.
+    pub fn busy_while(self: &Arc<Self>) -> BusyGuard {
+        self.set_busy(true);
+        BusyGuard(Arc::clone(self))
+    }
+}
+
+pub struct BusyGuard(Arc<Held>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.set_busy(false);
+    }
 }
 
 pub struct Coordinator {
@@ -171,9 +185,22 @@ impl Coordinator {
             }
         }
         let mut count = keep.len();
+        let rows: Vec<_> = pg
+            .leases()?
+            .into_iter()
+            .filter(|l| l.lane == LeaseLane::Live.as_str())
+            .collect();
+        // Over the share, leases are handed back only while another member has room: one
+        // held past the share because nobody else took it would otherwise go back and forth.
+        let room_elsewhere = members.iter().filter(|m| m.id != pg.member()).any(|m| {
+            rows.iter()
+                .filter(|l| l.valid && l.holder.as_deref() == Some(m.id.as_str()))
+                .count()
+                < share
+        });
         // Newest-sorted first, so that members converge on a stable split.
         for (pair, h) in keep.iter().rev() {
-            if count <= share {
+            if count <= share || !room_elsewhere {
                 break;
             }
             if !h.busy.load(Ordering::SeqCst) {
@@ -184,52 +211,71 @@ impl Coordinator {
         }
 
         // Take free leases up to the share, starting at a point of our own so that members
-        // starting together do not all queue on the same rows.
-        if count < share {
-            let taken: BTreeSet<Pair> = pg
-                .leases()?
-                .into_iter()
-                .filter(|l| l.lane == LeaseLane::Live.as_str() && l.valid)
-                .filter_map(|l| Some((l.broker, l.entity.parse().ok()?)))
-                .collect();
-            let free: Vec<&Pair> = wanted.iter().filter(|p| !taken.contains(*p)).collect();
-            let start = if free.is_empty() {
-                0
-            } else {
-                (Sha256::digest(pg.member().as_bytes())[0] as usize) % free.len()
-            };
-            for pair in free.iter().cycle().skip(start).take(free.len()) {
-                if count >= share {
-                    break;
-                }
-                if let Some(won) = pg.acquire(&pair.0, pair.1, LeaseLane::Live, self.ttl)? {
-                    let fence = Fence {
-                        broker: pair.0.clone(),
-                        entity: pair.1,
-                        lane: LeaseLane::Live,
-                        holder: pg.member().to_owned(),
-                        epoch: won.epoch,
-                    };
-                    match &won.taken_from {
-                        Some(previous) => {
-                            telemetry::takeover(&pair.0, pair.1);
-                            info!(broker = %pair.0, entity = %pair.1, epoch = won.epoch, from = %previous,
-                                "Took over a lease whose holder stopped renewing it.");
-                        }
-                        None => {
-                            info!(broker = %pair.0, entity = %pair.1, epoch = won.epoch, "Lease acquired.")
-                        }
+        // starting together do not all queue on the same rows. Past the share, a pair left
+        // free for longer than the TTL is taken all the same: the share assumes every member
+        // runs every connector, and one that cannot start a connector must not leave its
+        // pairs to nobody.
+        let mine: BTreeSet<Pair> = self.held().into_iter().map(|(p, _)| p).collect();
+        let taken: BTreeSet<Pair> = rows
+            .iter()
+            .filter(|l| l.valid)
+            .filter_map(|l| Some((l.broker.clone(), l.entity.parse().ok()?)))
+            .collect();
+        let starving: BTreeSet<Pair> = rows
+            .iter()
+            .filter(|l| !l.valid && l.free_for > self.ttl)
+            .filter_map(|l| Some((l.broker.clone(), l.entity.parse().ok()?)))
+            .collect();
+        let up_long = Timestamp::now()
+            .duration_since(self.started_at)
+            .unsigned_abs()
+            > self.ttl * 3;
+        let never_held = |p: &Pair| {
+            up_long
+                && !rows
+                    .iter()
+                    .any(|l| l.broker == p.0 && l.entity == p.1.as_str())
+        };
+        let free: Vec<&Pair> = wanted
+            .iter()
+            .filter(|p| !taken.contains(*p) && !mine.contains(*p))
+            .collect();
+        let start = if free.is_empty() {
+            0
+        } else {
+            (Sha256::digest(pg.member().as_bytes())[0] as usize) % free.len()
+        };
+        for pair in free.iter().cycle().skip(start).take(free.len()) {
+            if count >= share && !starving.contains(*pair) && !never_held(pair) {
+                continue;
+            }
+            if let Some(won) = pg.acquire(&pair.0, pair.1, LeaseLane::Live, self.ttl)? {
+                let fence = Fence {
+                    broker: pair.0.clone(),
+                    entity: pair.1,
+                    lane: LeaseLane::Live,
+                    holder: pg.member().to_owned(),
+                    epoch: won.epoch,
+                };
+                match &won.taken_from {
+                    Some(previous) => {
+                        telemetry::takeover(&pair.0, pair.1);
+                        info!(broker = %pair.0, entity = %pair.1, epoch = won.epoch, from = %previous,
+                            "Took over a lease whose holder stopped renewing it.");
                     }
-                    let lease = Arc::new(Lease::new(fence, won.sent_at, self.ttl));
-                    self.set(
-                        pair,
-                        Some(Arc::new(Held {
-                            lease,
-                            busy: AtomicBool::new(false),
-                        })),
-                    );
-                    count += 1;
+                    None => {
+                        info!(broker = %pair.0, entity = %pair.1, epoch = won.epoch, "Lease acquired.")
+                    }
                 }
+                let lease = Arc::new(Lease::new(fence, won.sent_at, self.ttl));
+                self.set(
+                    pair,
+                    Some(Arc::new(Held {
+                        lease,
+                        busy: AtomicBool::new(false),
+                    })),
+                );
+                count += 1;
             }
         }
         telemetry::fleet(members.len(), self.held().len());

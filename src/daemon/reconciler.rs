@@ -53,13 +53,16 @@ pub async fn reconciler(
             for (entity, lock) in &locks {
                 // In a fleet, the member holding the pair's live lease reconciles it, under
                 // that lease (a repair's commits are fenced like a sync's).
-                let lease = match &ctx.coordinator {
+                let held = match &ctx.coordinator {
                     None => None,
                     Some(c) => match c.watch(&plan.broker, *entity).borrow().clone() {
-                        Some(held) => Some(Arc::clone(&held.lease)),
+                        Some(held) => Some(held),
                         None => continue,
                     },
                 };
+                // Busy: the coordinator does not hand the pair away mid-reconciliation.
+                let _busy = held.as_ref().map(|h| h.busy_while());
+                let lease = held.as_ref().map(|h| Arc::clone(&h.lease));
                 let _held = tokio::select! {
                     _ = stop.cancelled() => return,
                     held = Arc::clone(lock).lock_owned() => held,

@@ -155,13 +155,9 @@ async fn serve(
                 stop: stop.clone(),
                 lease: held.as_ref().map(|h| Arc::clone(&h.lease)),
             };
-            if let Some(h) = &held {
-                h.set_busy(true);
-            }
+            let busy = held.as_ref().map(|h| h.busy_while());
             let result = runner.sync(entity, Timestamp::now()).await;
-            if let Some(h) = &held {
-                h.set_busy(false);
-            }
+            drop(busy);
             let now = Timestamp::now();
             ctx.health.update(&broker, entity, |h| {
                 h.running = false;

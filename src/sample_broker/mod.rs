@@ -304,6 +304,11 @@ impl SampleBroker {
         self.shared.in_flight.load(Ordering::SeqCst)
     }
 
+    /// Requests for `entity` being answered now.
+    pub fn in_flight_of(&self, entity: Entity) -> usize {
+        self.shared.entity_in_flight[entity as usize].load(Ordering::SeqCst)
+    }
+
     /// The most requests for `entity` ever answered at the same time.
     pub fn max_concurrent(&self, entity: Entity) -> usize {
         self.shared.entity_max_in_flight[entity as usize].load(Ordering::SeqCst)

@@ -72,6 +72,25 @@ impl Lease {
         *d = (*d).max(deadline(sent_at, ttl));
     }
 
+    /// Until when the lease counts as valid here (as of its last renewal).
+    pub fn deadline(&self) -> Instant {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Completes once the lease may be gone: lost, or past its deadline without a renewal.
+    pub async fn gone(&self) {
+        loop {
+            let d = self.deadline();
+            if self.lost.is_cancelled() || Instant::now() >= d {
+                return;
+            }
+            tokio::select! {
+                _ = self.lost.cancelled() => return,
+                _ = tokio::time::sleep_until(d.into()) => {}
+            }
+        }
+    }
+
     /// Whether this process may still act under the lease (fetch the broker's next page).
     pub fn is_valid(&self) -> bool {
         let d = *self.deadline.lock().unwrap_or_else(|p| p.into_inner());

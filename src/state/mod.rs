@@ -255,14 +255,20 @@ impl Store {
         on_backend!(self, s => s.status(configured))
     }
 
-    /// Deletes stored records of `entity` by natural key. Returns how many were there.
+    /// Deletes stored records of `entity` by natural key (refused whole, as a commit is, when
+    /// `fence` no longer holds). Returns how many were there.
     pub fn delete_records(
         &self,
         broker: &str,
         entity: Entity,
         keys: &[String],
+        fence: Option<&Fence>,
     ) -> Result<u64, StoreError> {
-        on_backend!(self, s => s.delete_records(broker, entity, keys))
+        match &self.backend {
+            // One host: nothing else can hold the pair.
+            Backend::Sqlite(s) => s.delete_records(broker, entity, keys),
+            Backend::Postgres(s) => s.delete_records(broker, entity, keys, fence),
+        }
     }
 
     /// Records of (broker, entity) in quarantine now.

@@ -65,6 +65,8 @@ pub struct LeaseRow {
     pub epoch: i64,
     pub expires_at: Timestamp,
     pub valid: bool,
+    /// How long it has been free (zero while valid), on the server's clock.
+    pub free_for: Duration,
 }
 
 /// A lease won: its epoch, and who held it before when it was taken over from another member.
@@ -123,9 +125,11 @@ impl PgStore {
             .build()
             .map_err(|e| failed(e.to_string()))?;
         let idle = millis(plan.lease_ttl).to_string();
+        let member = member_id();
         let mut options = PgConnectOptions::from_str(&plan.url)
             .map_err(|e| failed(e.to_string()))?
-            .application_name("t360-connector")
+            // `pg_stat_activity` shows which member each session is.
+            .application_name(&format!("t360-connector {member}"))
             .ssl_mode(pg_ssl_mode(plan.tls))
             // Every statement names its tables bare: the schema is the search path.
             // A daemon frozen inside a transaction (SIGSTOP, a VM paused) would hold its lease
@@ -145,13 +149,15 @@ impl PgStore {
             let _context = runtime.enter();
             PgPoolOptions::new()
                 .max_connections(plan.max_connections)
-                .acquire_timeout(Duration::from_secs(10))
+                // Store calls can run on the daemon's async threads: while PostgreSQL is away,
+                // each gives up after this rather than the pool's default 30 s.
+                .acquire_timeout(Duration::from_secs(5))
                 .connect_lazy_with(options)
         };
         let store = PgStore {
             pool,
             runtime: Some(runtime),
-            member: member_id(),
+            member,
             url: plan.url.clone(),
         };
         let schema = plan.schema.clone();
@@ -186,10 +192,7 @@ impl PgStore {
             // other's row (READ COMMITTED) and leave the orphan held for good. Taken before the
             // lease row, never after: a commit holding a lease row never waits on this lock,
             // so renewals and commits cannot deadlock.
-            sqlx::query("SELECT pg_advisory_xact_lock(7360, hashtext($1))")
-                .bind(&batch.broker)
-                .execute(&mut *tx)
-                .await?;
+            lock_broker(&mut tx, &batch.broker).await?;
             if let Some(fence) = &batch.fence
                 && !holds(&mut tx, fence).await?
             {
@@ -436,6 +439,7 @@ impl PgStore {
         broker: &str,
         entity: Entity,
         keys: &[String],
+        fence: Option<&Fence>,
     ) -> Result<u64, StoreError> {
         let fields = entity.key_fields();
         let condition: Vec<String> = fields
@@ -448,8 +452,14 @@ impl PgStore {
             entity.as_str(),
             condition.join(" AND ")
         );
-        self.block(async {
+        let deleted = self.block(async {
             let mut tx = self.pool.begin().await?;
+            lock_broker(&mut tx, broker).await?;
+            if let Some(fence) = fence
+                && !holds(&mut tx, fence).await?
+            {
+                return Ok(None);
+            }
             let mut deleted = 0;
             for key in keys {
                 let mut q = sqlx::query(AssertSqlSafe(sql.as_str())).bind(broker);
@@ -459,7 +469,12 @@ impl PgStore {
                 deleted += q.execute(&mut *tx).await?.rows_affected();
             }
             tx.commit().await?;
-            Ok(deleted)
+            Ok(Some(deleted))
+        })?;
+        deleted.ok_or_else(|| {
+            let fence = fence.expect("refused only under a fence");
+            crate::telemetry::fencing_rejected(&fence.broker, fence.entity);
+            StoreError::Fenced(fence.to_string(), fence.epoch)
         })
     }
 
@@ -717,7 +732,8 @@ impl PgStore {
         let rows = self.block(
             sqlx::query(
                 "SELECT broker, entity, lane, holder, epoch, expires_at,
-                        holder IS NOT NULL AND expires_at > now()
+                        holder IS NOT NULL AND expires_at > now(),
+                        greatest(0, extract(epoch FROM now() - expires_at) * 1000)::bigint
                  FROM leases ORDER BY broker, entity, lane",
             )
             .fetch_all(&self.pool),
@@ -731,6 +747,7 @@ impl PgStore {
                 epoch: r.try_get(4)?,
                 expires_at: from_chrono(r.try_get(5)?),
                 valid: r.try_get(6)?,
+                free_for: Duration::from_millis(r.try_get::<i64, _>(7)?.max(0) as u64),
             })
         };
         rows.iter()
@@ -751,8 +768,11 @@ impl PgStore {
         let won: Option<(i64, Option<String>)> = self.block(async {
             let mut tx = self.pool.begin().await?;
             let current: Option<(Option<String>, bool)> = sqlx::query_as(
-                "SELECT holder, expires_at <= now() FROM leases
-                 WHERE broker = $1 AND entity = $2 AND lane = $3 FOR UPDATE",
+                // SKIP LOCKED: a row locked by a commit in flight (its holder is alive, or
+                // frozen until the server ends its session) is not free now; the coordinator's
+                // round moves on instead of queueing behind it.
+                "SELECT holder, holder IS NULL OR expires_at <= clock_timestamp() FROM leases
+                 WHERE broker = $1 AND entity = $2 AND lane = $3 FOR UPDATE SKIP LOCKED",
             )
             .bind(broker)
             .bind(entity.as_str())
@@ -903,6 +923,16 @@ async fn migrate(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
             .await?;
     }
     tx.commit().await
+}
+
+/// Serialises the writes of one broker (commits, deletions) across the fleet, until the
+/// transaction ends.
+async fn lock_broker(conn: &mut PgConnection, broker: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(7360, hashtext($1))")
+        .bind(broker)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Whether `fence` still holds: same holder and epoch, unexpired. Locks the lease row until the
