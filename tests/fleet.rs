@@ -1257,3 +1257,54 @@ async fn the_state_password_is_never_logged() {
     }
     world.drop_schema().await;
 }
+
+/// A pair whose holder died and whose tick passed while nobody held it syncs as soon as a
+/// member takes it over, not at its next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_over_pair_whose_tick_was_missed_syncs_at_once() {
+    let Some(url) = postgres("a_taken_over_pair_whose_tick_was_missed_syncs_at_once") else {
+        return;
+    };
+    // Ticks every 20 s: at :00, :20 and :40.
+    let world = World::start(&url, 1, 5, "*/20 * * * * *").await;
+    let mut a = world.daemon(&world.url);
+    // A syncs at once (no sync before), then dies.
+    let synced = eventually_async(Duration::from_secs(20), || async {
+        world
+            .pairs_synced_since("finished_at", Timestamp::UNIX_EPOCH)
+            .await
+            == 3
+    })
+    .await;
+    assert!(synced, "the first daemon did not sync");
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    // Wait for the next tick to pass (nobody runs it), and for A's leases to expire.
+    let second = |t: Timestamp| t.as_second().rem_euclid(20);
+    let until_tick = 20 - second(Timestamp::now());
+    tokio::time::sleep(Duration::from_secs(until_tick as u64 + 1).max(Duration::from_secs(4)))
+        .await;
+    let started = Timestamp::now();
+    let next_tick_in = 20 - second(started);
+    assert!(
+        next_tick_in >= 12,
+        "the test started too close to a tick ({next_tick_in} s)"
+    );
+    let b = world.daemon(&world.url);
+    let caught_up = eventually_async(Duration::from_secs(8), || async {
+        world.pairs_synced_since("started_at", started).await == 3
+    })
+    .await;
+    assert!(
+        caught_up,
+        "the taken-over pairs waited for their next tick:\n{}",
+        b.logs()
+    );
+    assert!(
+        b.logs().contains("Catching up a missed run."),
+        "{}",
+        b.logs()
+    );
+    drop(b);
+    world.drop_schema().await;
+}
