@@ -264,9 +264,7 @@ impl Runner<'_> {
                 }
                 let (delivered, next) = match (early, self.lease_held()) {
                     // The lease may be gone: nothing is delivered (a newer holder may have
-                    // delivered newer versions), and the page in hand goes to its commit only
-                    // for the store to refuse it unless the lease still holds there (the fence
-                    // decides, not this clock).
+                    // delivered newer versions) or committed.
                     (_, Err(lost)) => (Ok(()), Err(lost)),
                     (Some(next), Ok(())) => (self.sink.deliver(&mut batch).await, next),
                     (None, Ok(())) => {
@@ -281,6 +279,9 @@ impl Runner<'_> {
                 })?;
                 let next = match next {
                     Ok(next) => next,
+                    // The lease may be gone: the page in hand is neither delivered nor
+                    // committed (the new holder reads it again).
+                    Err(e @ SourceError::LeaseLost { .. }) => return Err(source_error(e)),
                     Err(e) => {
                         // Keep what was received: commit the page in hand, then fail.
                         let _ = handoff.send((batch, pulled)).await;

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,18 +37,18 @@ pub type LeaseWatch = watch::Receiver<Option<Arc<Held>>>;
 #[derive(Debug)]
 pub struct Held {
     pub lease: Arc<Lease>,
-    busy: AtomicBool,
+    busy: AtomicUsize,
 }
 
 impl Held {
-    pub fn set_busy(&self, busy: bool) {
-        self.busy.store(busy, Ordering::SeqCst);
+    /// Busy until the guard is dropped (a sync and a reconciliation can overlap: a count).
+    pub fn busy_while(self: &Arc<Self>) -> BusyGuard {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        BusyGuard(Arc::clone(self))
     }
 
-    /// Busy until the guard is dropped.
-    pub fn busy_while(self: &Arc<Self>) -> BusyGuard {
-        self.set_busy(true);
-        BusyGuard(Arc::clone(self))
+    fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) > 0
     }
 }
 
@@ -56,7 +56,7 @@ pub struct BusyGuard(Arc<Held>);
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.0.set_busy(false);
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -70,6 +70,8 @@ pub struct Coordinator {
     slots: Mutex<BTreeMap<Pair, watch::Sender<Option<Arc<Held>>>>>,
     /// The config digests other members differ by, last logged (logged again on a change).
     differing: Mutex<Vec<String>>,
+    /// Since when each pair has been wanted (a reload adds pairs).
+    wanted_since: Mutex<BTreeMap<Pair, std::time::Instant>>,
 }
 
 impl Coordinator {
@@ -83,6 +85,7 @@ impl Coordinator {
             work: Mutex::new((BTreeSet::new(), String::new())),
             slots: Mutex::new(BTreeMap::new()),
             differing: Mutex::new(Vec::new()),
+            wanted_since: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -192,18 +195,23 @@ impl Coordinator {
             .collect();
         // Over the share, leases are handed back only while another member has room: one
         // held past the share because nobody else took it would otherwise go back and forth.
-        let room_elsewhere = members.iter().filter(|m| m.id != pg.member()).any(|m| {
-            rows.iter()
-                .filter(|l| l.valid && l.holder.as_deref() == Some(m.id.as_str()))
-                .count()
-                < share
-        });
+        // (Members reading the same folder only: one that runs fewer connectors has room
+        // that is no use for ours.)
+        let room_elsewhere = members
+            .iter()
+            .filter(|m| m.id != pg.member() && m.config_hash == hash)
+            .any(|m| {
+                rows.iter()
+                    .filter(|l| l.valid && l.holder.as_deref() == Some(m.id.as_str()))
+                    .count()
+                    < share
+            });
         // Newest-sorted first, so that members converge on a stable split.
         for (pair, h) in keep.iter().rev() {
             if count <= share || !room_elsewhere {
                 break;
             }
-            if !h.busy.load(Ordering::SeqCst) {
+            if !h.is_busy() {
                 info!(broker = %pair.0, entity = %pair.1, share, "Handing a lease to the fleet (over this daemon's share).");
                 self.release(pg, pair, h)?;
                 count -= 1;
@@ -226,12 +234,21 @@ impl Coordinator {
             .filter(|l| !l.valid && l.free_for > self.ttl)
             .filter_map(|l| Some((l.broker.clone(), l.entity.parse().ok()?)))
             .collect();
-        let up_long = Timestamp::now()
-            .duration_since(self.started_at)
-            .unsigned_abs()
-            > self.ttl * 3;
+        let wanted_since = {
+            let mut since = self.wanted_since.lock().unwrap_or_else(|p| p.into_inner());
+            since.retain(|p, _| wanted.contains(p));
+            for p in &wanted {
+                since
+                    .entry(p.clone())
+                    .or_insert_with(std::time::Instant::now);
+            }
+            since.clone()
+        };
+        // A pair no member has ever taken, though wanted here for three TTLs.
         let never_held = |p: &Pair| {
-            up_long
+            wanted_since
+                .get(p)
+                .is_some_and(|t| t.elapsed() > self.ttl * 3)
                 && !rows
                     .iter()
                     .any(|l| l.broker == p.0 && l.entity == p.1.as_str())
@@ -272,7 +289,7 @@ impl Coordinator {
                     pair,
                     Some(Arc::new(Held {
                         lease,
-                        busy: AtomicBool::new(false),
+                        busy: AtomicUsize::new(0),
                     })),
                 );
                 count += 1;

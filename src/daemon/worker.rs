@@ -37,7 +37,11 @@ pub async fn worker(
     let mut watch = coordinator.watch(&plan.broker, entity);
     loop {
         let held = loop {
-            if let Some(held) = watch.borrow_and_update().clone() {
+            // A lease already lost (a refused commit) stays in the slot until the coordinator's
+            // next round clears it: not one to serve again.
+            if let Some(held) = watch.borrow_and_update().clone()
+                && !held.lease.lost().is_cancelled()
+            {
                 break held;
             }
             tokio::select! {
