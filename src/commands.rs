@@ -48,11 +48,14 @@ pub fn check(config_path: Option<&std::path::Path>) -> anyhow::Result<String> {
             if c.enabled { "" } else { "  (disabled)" }
         );
     }
+    let state = match &loaded.settings.state {
+        StatePlan::Sqlite => loaded.settings.database_path().display().to_string(),
+        StatePlan::Postgres(pg) => format!("PostgreSQL {}, schema {}", pg.url, pg.schema),
+    };
     let _ = write!(
         out,
-        "{} connector(s) valid; state in {}",
+        "{} connector(s) valid; state in {state}",
         loaded.connectors.len(),
-        loaded.settings.database_path().display()
     );
     Ok(out)
 }

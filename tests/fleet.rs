@@ -1095,6 +1095,15 @@ async fn reconcile_finds_and_repairs_drift_in_the_postgres_store() {
             .output()
             .unwrap()
     };
+    let checked = run(&["check"]);
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        text.contains(&format!(
+            "state in PostgreSQL {}, schema {}",
+            world.url, world.schema
+        )),
+        "{text}"
+    );
     let synced = run(&["sync"]);
     assert!(
         synced.status.success(),
