@@ -177,10 +177,22 @@ impl PgStore {
     }
 
     fn block<T>(&self, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
-        let _context = self.runtime.as_ref().map(|rt| rt.enter());
-        // Unconstrained: on a worker thread of the caller's runtime, tokio's cooperative budget
-        // would run out and defer every wake-up to a scheduler this loop never yields to.
-        futures_executor::block_on(tokio::task::unconstrained(f)).map_err(StoreError::Pg)
+        let wait = || {
+            let _context = self.runtime.as_ref().map(|rt| rt.enter());
+            // Unconstrained: on a worker thread of the caller's runtime, tokio's cooperative
+            // budget would run out and defer every wake-up to a scheduler this loop never
+            // yields to.
+            futures_executor::block_on(tokio::task::unconstrained(f)).map_err(StoreError::Pg)
+        };
+        // On a worker of a multi-threaded runtime (the daemon's), the worker's other tasks
+        // (timers, /healthz, signals) move to another thread while this one waits, which may
+        // be seconds while PostgreSQL is away.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        }
     }
 
     pub fn commit_page(&self, batch: &PageBatch) -> Result<CommitStats, StoreError> {
