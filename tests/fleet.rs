@@ -153,6 +153,21 @@ trading_activity = "{schedule}"
         format!("/{}/", d.child.id())
     }
 
+    /// A settings file for one-off commands (`sync`, `backfill`, `reconcile`) on the schema.
+    fn cli_settings(&self) -> std::path::PathBuf {
+        let config = self.dir.path().join("cli.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "connectors_dir = \"connectors\"\n[state]\nbackend = \"postgres\"\nurl = \"{}\"\n\
+                 tls = \"disable\"\nschema = \"{}\"\n{}",
+                self.url, self.schema, self.state_extra
+            ),
+        )
+        .unwrap();
+        config
+    }
+
     /// Valid live leases per holder.
     async fn holders(&self) -> BTreeMap<String, BTreeSet<(String, String)>> {
         let rows = sqlx::query(AssertSqlSafe(format!(
@@ -960,16 +975,7 @@ async fn a_backfill_runs_under_its_lease_and_a_second_one_is_refused() {
     };
     let world = World::start(&url, 1, 40, "0 0 1 1 *").await;
     world.brokers[0].set_delay(Duration::from_millis(40));
-    let config = world.dir.path().join("cli.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "connectors_dir = \"connectors\"\n[state]\nbackend = \"postgres\"\nurl = \"{}\"\n\
-             tls = \"disable\"\nschema = \"{}\"\n{}",
-            world.url, world.schema, world.state_extra
-        ),
-    )
-    .unwrap();
+    let config = world.cli_settings();
     let backfill = || {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_t360-connector"));
         cmd.arg("--config")
@@ -1077,16 +1083,7 @@ async fn reconcile_finds_and_repairs_drift_in_the_postgres_store() {
         return;
     };
     let world = World::start(&url, 1, 20, "0 0 1 1 *").await;
-    let config = world.dir.path().join("cli.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "connectors_dir = \"connectors\"\n[state]\nbackend = \"postgres\"\nurl = \"{}\"\n\
-             tls = \"disable\"\nschema = \"{}\"\n{}",
-            world.url, world.schema, world.state_extra
-        ),
-    )
-    .unwrap();
+    let config = world.cli_settings();
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_t360-connector"))
             .arg("--config")
