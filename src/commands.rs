@@ -521,7 +521,8 @@ fn fleet_status(
     ttl: std::time::Duration,
     loaded: &Loaded,
 ) -> anyhow::Result<String> {
-    let mine = crate::daemon::coordinator::folder_hash(&loaded.settings.connectors_dir);
+    use crate::daemon::coordinator::{folder_hash, short};
+    let mine = folder_hash(&loaded.settings.connectors_dir);
     let leases = pg.leases()?;
     let mut table =
         vec![["MEMBER", "STATE", "LAST HEARTBEAT", "CONFIG", "HOLDS"].map(String::from)];
@@ -540,9 +541,9 @@ fn fleet_status(
             })
             .collect();
         let config = if m.config_hash == mine {
-            m.config_hash[..12.min(m.config_hash.len())].to_owned()
+            short(&m.config_hash).to_owned()
         } else {
-            format!("{} DIFFERS", &m.config_hash[..12.min(m.config_hash.len())])
+            format!("{} DIFFERS", short(&m.config_hash))
         };
         table.push([
             m.id,

@@ -328,7 +328,8 @@ impl Coordinator {
     }
 }
 
-fn short(hash: &str) -> &str {
+/// A config digest as logs and `status` show it.
+pub(crate) fn short(hash: &str) -> &str {
     &hash[..hash.len().min(12)]
 }
 

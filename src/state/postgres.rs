@@ -38,19 +38,14 @@ pub struct PgStore {
     runtime: Option<tokio::runtime::Runtime>,
     /// This process, as the fleet knows it (`host/pid/start`).
     member: String,
-    url: String,
 }
 
 /// One member of the fleet, as `status` shows it.
 #[derive(Debug, Clone)]
 pub struct Member {
     pub id: String,
-    pub host: String,
-    pub pid: i64,
-    pub started_at: Timestamp,
     pub heartbeat_at: Timestamp,
     pub config_hash: String,
-    pub version: String,
     /// Whether its heartbeat is younger than the lease TTL.
     pub alive: bool,
 }
@@ -62,8 +57,6 @@ pub struct LeaseRow {
     pub entity: String,
     pub lane: String,
     pub holder: Option<String>,
-    pub epoch: i64,
-    pub expires_at: Timestamp,
     pub valid: bool,
     /// How long it has been free (zero while valid), on the server's clock.
     pub free_for: Duration,
@@ -158,7 +151,6 @@ impl PgStore {
             pool,
             runtime: Some(runtime),
             member,
-            url: plan.url.clone(),
         };
         let schema = plan.schema.clone();
         store
@@ -170,10 +162,6 @@ impl PgStore {
     /// This process's id in the fleet.
     pub fn member(&self) -> &str {
         &self.member
-    }
-
-    pub fn url(&self) -> &str {
-        &self.url
     }
 
     fn block<T>(&self, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
@@ -700,7 +688,7 @@ impl PgStore {
     pub fn members(&self, ttl: Duration) -> Result<Vec<Member>, StoreError> {
         let rows = self.block(
             sqlx::query(
-                "SELECT id, host, pid, started_at, heartbeat_at, config_hash, version,
+                "SELECT id, heartbeat_at, config_hash,
                         heartbeat_at > now() - $1 * interval '1 millisecond'
                  FROM members ORDER BY id",
             )
@@ -710,13 +698,9 @@ impl PgStore {
         let read = |r: &sqlx::postgres::PgRow| -> Result<Member, sqlx::Error> {
             Ok(Member {
                 id: r.try_get(0)?,
-                host: r.try_get(1)?,
-                pid: r.try_get(2)?,
-                started_at: from_chrono(r.try_get(3)?),
-                heartbeat_at: from_chrono(r.try_get(4)?),
-                config_hash: r.try_get(5)?,
-                version: r.try_get(6)?,
-                alive: r.try_get(7)?,
+                heartbeat_at: from_chrono(r.try_get(1)?),
+                config_hash: r.try_get(2)?,
+                alive: r.try_get(3)?,
             })
         };
         rows.iter()
@@ -743,7 +727,7 @@ impl PgStore {
     pub fn leases(&self) -> Result<Vec<LeaseRow>, StoreError> {
         let rows = self.block(
             sqlx::query(
-                "SELECT broker, entity, lane, holder, epoch, expires_at,
+                "SELECT broker, entity, lane, holder,
                         holder IS NOT NULL AND expires_at > now(),
                         greatest(0, extract(epoch FROM now() - expires_at) * 1000)::bigint
                  FROM leases ORDER BY broker, entity, lane",
@@ -756,10 +740,8 @@ impl PgStore {
                 entity: r.try_get(1)?,
                 lane: r.try_get(2)?,
                 holder: r.try_get(3)?,
-                epoch: r.try_get(4)?,
-                expires_at: from_chrono(r.try_get(5)?),
-                valid: r.try_get(6)?,
-                free_for: Duration::from_millis(r.try_get::<i64, _>(7)?.max(0) as u64),
+                valid: r.try_get(4)?,
+                free_for: Duration::from_millis(r.try_get::<i64, _>(5)?.max(0) as u64),
             })
         };
         rows.iter()
