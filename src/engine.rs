@@ -14,7 +14,7 @@ use tracing::{Instrument, debug, error_span, info, warn};
 
 use crate::config::ConnectorPlan;
 use crate::model::{Entity, Record};
-use crate::normalise::{Mapping, PiiPolicy};
+use crate::normalise::{Mapping, PiiPolicy, RawRecord};
 use crate::sink::{CommitStats, PageBatch, Progress, Reject, Sink, SinkError, Stage, Valid};
 use crate::source::{Page, Source, SourceError, Window};
 use crate::state::lease::Lease;
@@ -365,7 +365,7 @@ impl Runner<'_> {
         };
         let pulled = raws.len();
         let page = Page {
-            records: raws,
+            records: raws.into_iter().map(RawRecord::Value).collect(),
             origin: "quarantine".into(),
         };
         let mut batch = self.batch(entity, page, mapping);
@@ -465,7 +465,7 @@ impl Runner<'_> {
     fn prepare(
         &self,
         entity: Entity,
-        raw: Vec<Value>,
+        raw: Vec<RawRecord>,
         mapping: &Mapping,
     ) -> (Vec<Valid>, Vec<Reject>) {
         let mut valid = Vec::with_capacity(raw.len());
@@ -490,18 +490,22 @@ impl Runner<'_> {
 
 /// One broker record through the pipeline's pure part: field mapping, validation and the
 /// personal-data policy. A reject carries every reason and the record as it may be kept.
-pub fn check(entity: Entity, mut original: Value, mapping: &Mapping) -> Result<Valid, Reject> {
-    let (result, mapping_reasons, key) = if original.is_object() {
-        let (fields, mapping_reasons) = mapping.fields(entity, &original);
-        let result = validate::validate_fields(entity, &fields);
-        let failed = result.is_err() || !mapping_reasons.is_empty();
-        // The key is made only for a reject: it needs the record as a JSON value.
-        let key = failed.then(|| quarantine_key(entity, &fields.to_value()));
-        (result, mapping_reasons, key)
-    } else {
-        let result = validate::validate(entity, &original);
-        let key = Some(quarantine_key(entity, &original));
-        (result, Vec::new(), key)
+pub fn check(entity: Entity, original: RawRecord, mapping: &Mapping) -> Result<Valid, Reject> {
+    let (result, mapping_reasons, key) = match original.view() {
+        Some(view) => {
+            let (fields, mapping_reasons) = mapping.fields(entity, &view);
+            let result = validate::validate_fields(entity, &fields);
+            let failed = result.is_err() || !mapping_reasons.is_empty();
+            // The key is made only for a reject: it needs the record as a JSON value.
+            let key = failed.then(|| quarantine_key(entity, &fields.to_value()));
+            (result, mapping_reasons, key)
+        }
+        None => {
+            let value = original.clone().into_value();
+            let result = validate::validate(entity, &value);
+            let key = Some(quarantine_key(entity, &value));
+            (result, Vec::new(), key)
+        }
     };
     match result {
         Ok(mut record) if mapping_reasons.is_empty() => {
@@ -526,6 +530,7 @@ pub fn check(entity: Entity, mut original: Value, mapping: &Mapping) -> Result<V
                     .into_iter()
                     .filter(|r| !failed(r)),
             );
+            let mut original = original.into_value();
             mapping.redact_raw(entity, &mut original);
             Err(Reject {
                 key: key.unwrap_or_default(),

@@ -498,14 +498,14 @@ fn keep_page(
     scratch: &Scratch,
     broker: &str,
     entity: Entity,
-    records: Vec<Value>,
+    records: Vec<crate::normalise::RawRecord>,
     mapping: &crate::normalise::Mapping,
 ) -> Result<(), ReconcileError> {
     let conn = scratch.lock();
     let tx = conn.unchecked_transaction().map_err(|e| scratch.fail(e))?;
     let result = (|| -> rusqlite::Result<()> {
         for raw in records {
-            let text = raw.to_string();
+            let text = raw.text().into_owned();
             match check(entity, raw, mapping) {
                 Ok(valid) => {
                     crate::sink::sqlite::upsert(&tx, broker, &valid.record)?;

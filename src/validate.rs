@@ -4,6 +4,7 @@
 //! that shape). Validation parses every field into the entity model and checks every rule,
 //! collecting *every* reason, so that a quarantined record says all that is wrong with it at once.
 
+use std::borrow::Cow;
 use std::str::FromStr;
 
 use jiff::Timestamp;
@@ -12,7 +13,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use crate::model::{Customer, Entity, Record, TradingActivity, Transaction, TransactionType};
-use crate::normalise::Fields;
+use crate::normalise::{Fields, Leaf};
 
 /// Longest string the guide accepts, in characters.
 const MAX_STRING_CHARS: usize = 500;
@@ -26,23 +27,16 @@ pub fn validate(entity: Entity, record: &Value) -> Result<Record, Vec<String>> {
     let Some(object) = record.as_object() else {
         return Err(vec![format!(
             "record is not a JSON object (found {})",
-            kind_of(record)
+            Leaf::from_value(record).kind()
         )]);
     };
-    validate_with(entity, &|field| object.get(field))
+    validate_fields(entity, &Fields::of_object(entity, object))
 }
 
 /// As `validate`, on the fields a mapping made (borrowed from the source record).
 pub fn validate_fields(entity: Entity, fields: &Fields) -> Result<Record, Vec<String>> {
-    validate_with(entity, &|field| fields.get(field))
-}
-
-fn validate_with<'a>(
-    entity: Entity,
-    get: &'a dyn Fn(&str) -> Option<&'a Value>,
-) -> Result<Record, Vec<String>> {
     let mut r = FieldReader {
-        get,
+        fields,
         reasons: Vec::new(),
     };
     let parsed = match entity {
@@ -175,13 +169,13 @@ enum Sign {
 ///
 /// Each reader returns `None` when the field failed (a reason was noted); optional readers
 /// return `Some(None)` for a field that is absent, so "absent" and "broken" stay apart.
-struct FieldReader<'a> {
-    /// The record's value of a Track360 field.
-    get: &'a dyn Fn(&str) -> Option<&'a Value>,
+struct FieldReader<'r, 'a> {
+    /// The record's Track360 fields.
+    fields: &'r Fields<'a>,
     reasons: Vec<String>,
 }
 
-impl FieldReader<'_> {
+impl FieldReader<'_, '_> {
     fn fail<T>(&mut self, field: &str, what: impl std::fmt::Display) -> Option<T> {
         self.reasons.push(format!("{field}: {what}"));
         None
@@ -189,17 +183,17 @@ impl FieldReader<'_> {
 
     /// The field's text: absent (and null, and, for optional fields, "") is `Some(None)`.
     fn text(&mut self, field: &str, required: Required) -> Option<Option<String>> {
-        let text = match (self.get)(field) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
+        let fields = self.fields;
+        let text = match fields.get(field) {
+            None | Some(Leaf::Null) => None,
             // Integer ids are common in brokers' APIs; their text is the id.
-            Some(Value::Number(n)) if is_integer_text(&n.to_string()) => Some(n.to_string()),
-            Some(other) => {
-                return self.fail(
-                    field,
-                    format!("expected a string, found {}", kind_of(other)),
-                );
-            }
+            Some(Leaf::Number(n)) if is_integer_text(n) => Some(Cow::Borrowed(n.as_ref())),
+            Some(leaf) => match leaf.text() {
+                Some(text) => Some(text),
+                None => {
+                    return self.fail(field, format!("expected a string, found {}", leaf.kind()));
+                }
+            },
         };
         match text {
             None if required == Required::Yes => self.fail(field, "is required but missing"),
@@ -213,7 +207,7 @@ impl FieldReader<'_> {
                 self.fail(field, "must not be empty")
             }
             Some(s) if s.is_empty() => Some(None),
-            text => Some(text),
+            text => Some(text.map(Cow::into_owned)),
         }
     }
 
@@ -256,6 +250,11 @@ impl FieldReader<'_> {
     }
 
     fn timestamp(&mut self, field: &str, required: Required) -> Option<Option<Timestamp>> {
+        // Converted by the mapping: the instant its text stands for, without printing and
+        // parsing it again.
+        if let Some(Leaf::Instant(ts)) = self.fields.get(field) {
+            return Some(Some(*ts));
+        }
         let Some(text) = self.text(field, required)? else {
             return Some(None);
         };
@@ -281,29 +280,43 @@ impl FieldReader<'_> {
     }
 
     fn decimal(&mut self, field: &str, required: Required, sign: Sign) -> Option<Option<Decimal>> {
-        let text = match (self.get)(field) {
-            None | Some(Value::Null) if required == Required::Yes => {
+        let fields = self.fields;
+        let leaf = match fields.get(field) {
+            None | Some(Leaf::Null) if required == Required::Yes => {
                 return self.fail(field, "is required but missing");
             }
-            None | Some(Value::Null) => return Some(None),
-            // Decimals given as strings are as exact as numbers; both are accepted.
-            Some(Value::Number(n)) => n.to_string(),
-            Some(Value::String(s)) => s.trim().to_owned(),
-            Some(other) => {
-                return self.fail(
-                    field,
-                    format!("expected a number, found {}", kind_of(other)),
-                );
-            }
+            None | Some(Leaf::Null) => return Some(None),
+            Some(leaf) => leaf,
         };
-        let Some(value) = parse_decimal(&text) else {
-            return self.fail(
-                field,
-                format!(
-                    "`{}` is not a decimal number of at most 28 digits",
-                    clip(&text)
-                ),
-            );
+        let value = match leaf {
+            // Scaled by the mapping: already a decimal.
+            Leaf::Decimal(d) => *d,
+            _ => {
+                // Decimals given as strings are as exact as numbers; both are accepted.
+                let text = match leaf {
+                    Leaf::Number(n) => Cow::Borrowed(n.as_ref()),
+                    _ => match leaf.text() {
+                        Some(text) => text,
+                        None => {
+                            return self
+                                .fail(field, format!("expected a number, found {}", leaf.kind()));
+                        }
+                    },
+                };
+                let text = text.trim();
+                match parse_decimal(text) {
+                    Some(value) => value,
+                    None => {
+                        return self.fail(
+                            field,
+                            format!(
+                                "`{}` is not a decimal number of at most 28 digits",
+                                clip(text)
+                            ),
+                        );
+                    }
+                }
+            }
         };
         let digits = significant_digits(value);
         if digits > MAX_SIGNIFICANT_DIGITS {
@@ -350,17 +363,6 @@ fn significant_digits(value: Decimal) -> usize {
 fn is_integer_text(text: &str) -> bool {
     let digits = text.strip_prefix('-').unwrap_or(text);
     !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// A value quoted in a reason, cut short: reasons are read by people and stored per record.

@@ -166,11 +166,12 @@ async fn pull_ids(source: &SqlSource, window: Window) -> (Vec<String>, usize) {
     let mut pages = 0;
     while let Some(page) = pager.next_page().await.unwrap() {
         pages += 1;
-        ids.extend(
-            page.records
-                .iter()
-                .map(|r| r["customer_id"].as_str().unwrap().to_owned()),
-        );
+        ids.extend(page.records.iter().map(|r| {
+            r.clone().into_value()["customer_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }));
     }
     (ids, pages)
 }
@@ -230,6 +231,7 @@ async fn rows_updated_while_a_sync_pages_are_not_lost() {
         let mut seen: Vec<(String, String)> = Vec::new();
         let mut take = |page: Page| {
             for rec in page.records {
+                let rec = rec.into_value();
                 seen.push((
                     rec["customer_id"].as_str().unwrap().to_owned(),
                     rec["country_code"].as_str().unwrap().to_owned(),

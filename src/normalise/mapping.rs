@@ -9,6 +9,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::pii::PiiPolicy;
+use super::raw::{Leaf, View};
 use super::time::parse_instant_as;
 use crate::config::plan::{TimeFormat, json_pointer};
 use crate::config::raw::{RawField, RawFieldRule};
@@ -50,14 +51,25 @@ pub enum Convert {
 /// One record in Track360 shape: field name → value, borrowed from the source record where
 /// no conversion was needed. At most one entry a field, in the entity's field order.
 #[derive(Debug, Default)]
-pub struct Fields<'a>(Vec<(&'static str, Cow<'a, Value>)>);
+pub struct Fields<'a>(Vec<(&'static str, Leaf<'a>)>);
 
-impl Fields<'_> {
-    pub fn get(&self, field: &str) -> Option<&Value> {
+impl<'a> Fields<'a> {
+    pub fn get(&self, field: &str) -> Option<&Leaf<'a>> {
         self.0
             .iter()
             .find(|(name, _)| *name == field)
-            .map(|(_, v)| v.as_ref())
+            .map(|(_, v)| v)
+    }
+
+    /// The fields of `object` that are Track360 fields of `entity`, as they are.
+    pub fn of_object(entity: Entity, object: &'a serde_json::Map<String, Value>) -> Fields<'a> {
+        Fields(
+            entity
+                .fields()
+                .iter()
+                .filter_map(|f| Some((*f, Leaf::from_value(object.get(*f)?))))
+                .collect(),
+        )
     }
 
     /// As a JSON object (what quarantine keys and `apply` are made from).
@@ -65,7 +77,7 @@ impl Fields<'_> {
         Value::Object(
             self.0
                 .iter()
-                .map(|(name, v)| ((*name).to_owned(), v.as_ref().clone()))
+                .map(|(name, v)| ((*name).to_owned(), v.to_value()))
                 .collect(),
         )
     }
@@ -157,25 +169,26 @@ impl Mapping {
         if !raw.is_object() {
             return (raw.clone(), Vec::new());
         }
-        let (fields, reasons) = self.fields(entity, raw);
+        let (fields, reasons) = self.fields(entity, &View::Value(raw));
         (fields.to_value(), reasons)
     }
 
-    /// As `apply`, as a view that borrows what it does not convert from `raw` (an object):
-    /// the per-record path, without a copy of every field.
-    pub fn fields<'a>(&'a self, entity: Entity, raw: &'a Value) -> (Fields<'a>, Vec<String>) {
-        let mut out = Fields::default();
+    /// As `apply`, as a view that borrows what it does not convert from the record: the
+    /// per-record path, without a copy of every field.
+    pub fn fields<'a>(&'a self, entity: Entity, raw: &View<'a>) -> (Fields<'a>, Vec<String>) {
+        let mut out = Fields(Vec::with_capacity(self.rules[entity as usize].len()));
         let mut reasons = Vec::new();
         for rule in &self.rules[entity as usize] {
             let found = match &rule.source {
-                FieldSource::Path(_) => walk(raw, &rule.segments).filter(|v| !v.is_null()),
-                FieldSource::Const(value) => Some(value),
+                FieldSource::Path(_) => raw.walk(&rule.segments).filter(|v| !v.is_null()),
+                FieldSource::Const(value) => Some(Leaf::from_value(value)),
             };
-            let Some(value) = found.or(rule.default.as_ref()) else {
+            let Some(value) = found.or_else(|| rule.default.as_ref().map(Leaf::from_value)) else {
                 continue;
             };
-            match self.convert(rule, value) {
-                Ok(converted) => out.0.push((rule.field, converted)),
+            match self.convert(rule, &value) {
+                Ok(None) => out.0.push((rule.field, value)),
+                Ok(Some(converted)) => out.0.push((rule.field, converted)),
                 Err(why) => {
                     let from = match &rule.source {
                         FieldSource::Path(p) => format!(" (from {p})"),
@@ -184,11 +197,11 @@ impl Mapping {
                     let shown = if crate::validate::is_personal(rule.field) {
                         String::new()
                     } else {
-                        format!("`{}`", clip(value))
+                        format!("`{}`", clip(&value))
                     };
                     let what = format!("{shown}{from} {why}");
                     reasons.push(format!("{}: {}", rule.field, what.trim_start()));
-                    out.0.push((rule.field, Cow::Owned(value.clone())));
+                    out.0.push((rule.field, value));
                 }
             }
         }
@@ -223,43 +236,36 @@ impl Mapping {
         }
     }
 
-    fn convert<'a>(&self, rule: &FieldRule, value: &'a Value) -> Result<Cow<'a, Value>, String> {
-        self.convert_owned(rule, value)
-            .map(|owned| owned.map_or(Cow::Borrowed(value), Cow::Owned))
-    }
-
     /// The converted value, or `None` when it is the value as it is.
-    fn convert_owned(&self, rule: &FieldRule, value: &Value) -> Result<Option<Value>, String> {
+    fn convert(&self, rule: &FieldRule, value: &Leaf) -> Result<Option<Leaf<'static>>, String> {
         match &rule.convert {
             Convert::Plain => Ok(None),
             Convert::Time(format) => {
                 let ts = parse_instant_as(value, format, &self.zone)?;
                 if rule.field == "date" {
-                    Ok(Some(Value::String(
-                        ts.to_zoned(self.zone.clone()).date().to_string(),
-                    )))
+                    Ok(Some(Leaf::Day(ts.to_zoned(self.zone.clone()).date())))
                 } else {
-                    Ok(Some(Value::String(ts.to_string())))
+                    Ok(Some(Leaf::Instant(ts)))
                 }
             }
             Convert::Scale(factor) => {
                 let text = match value {
-                    Value::Number(n) => n.to_string(),
-                    Value::String(s) => s.trim().to_owned(),
+                    Leaf::Number(n) => n,
+                    Leaf::Str(s) => s.trim(),
                     _ => return Err("is not a number".into()),
                 };
-                let number = parse_decimal(&text).ok_or("is not a decimal number")?;
+                let number = parse_decimal(text).ok_or("is not a decimal number")?;
                 let scaled = number.checked_mul(*factor).ok_or("overflows when scaled")?;
-                Ok(Some(Value::String(scaled.normalize().to_string())))
+                Ok(Some(Leaf::Decimal(scaled.normalize())))
             }
             Convert::Map(map) => {
                 let code = match value {
-                    Value::String(s) => s.clone(),
-                    Value::Number(_) | Value::Bool(_) => value.to_string(),
+                    Leaf::Str(s) => s.to_string(),
+                    Leaf::Number(_) | Leaf::Bool(_) => value.to_value().to_string(),
                     _ => return Err("is not a code".into()),
                 };
                 map.get(&code)
-                    .map(|v| Some(Value::String(v.clone())))
+                    .map(|v| Some(Leaf::Str(Cow::Owned(v.clone()))))
                     .ok_or_else(|| "is not in the connector's enum map".to_owned())
             }
         }
@@ -291,19 +297,6 @@ fn segments(source: &FieldSource) -> Vec<String> {
             .collect(),
         FieldSource::Const(_) => Vec::new(),
     }
-}
-
-/// `Value::pointer` over pre-split segments: object keys, and array indexes without a sign
-/// or leading zeros.
-fn walk<'a>(value: &'a Value, segments: &[String]) -> Option<&'a Value> {
-    segments.iter().try_fold(value, |at, segment| match at {
-        Value::Object(map) => map.get(segment),
-        Value::Array(items) => {
-            let plain = !segment.starts_with('+') && (segment == "0" || !segment.starts_with('0'));
-            items.get(segment.parse::<usize>().ok().filter(|_| plain)?)
-        }
-        _ => None,
-    })
 }
 
 fn compile_rule(entity: Entity, field: &'static str, raw: &RawField) -> Result<FieldRule, String> {
@@ -360,12 +353,8 @@ fn to_json(value: &toml::Value) -> Result<Value, String> {
     serde_json::to_value(value).map_err(|e| format!("cannot use {value} as a value: {e}"))
 }
 
-fn clip(value: &Value) -> String {
-    let text = match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    text.chars().take(64).collect()
+fn clip(value: &Leaf) -> String {
+    value.to_string().chars().take(64).collect()
 }
 
 #[cfg(test)]
@@ -429,8 +418,10 @@ mod tests {
         ] {
             let source = FieldSource::Path(pointer.to_owned());
             assert_eq!(
-                walk(&raw, &segments(&source)),
-                raw.pointer(pointer),
+                View::Value(&raw)
+                    .walk(&segments(&source))
+                    .map(|l| l.to_value()),
+                raw.pointer(pointer).cloned(),
                 "{pointer}"
             );
         }

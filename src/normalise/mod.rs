@@ -10,8 +10,10 @@
 
 pub mod mapping;
 pub mod pii;
+mod raw;
 mod time;
 
 pub use mapping::{Convert, FieldRule, FieldSource, Fields, Mapping};
 pub use pii::{PiiAction, PiiPolicy};
+pub use raw::{Leaf, RawRecord, View};
 pub use time::{format_instant, parse_instant_as};

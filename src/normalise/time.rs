@@ -5,19 +5,21 @@ use jiff::Timestamp;
 use jiff::civil::{Date, DateTime};
 use jiff::fmt::strtime::BrokenDownTime;
 use jiff::tz::TimeZone;
-use serde_json::Value;
 
+use super::raw::Leaf;
 use crate::config::plan::TimeFormat;
 
 /// Reads an instant from `value` as `format` says; naive times are in `zone`.
 pub fn parse_instant_as(
-    value: &Value,
+    value: &Leaf,
     format: &TimeFormat,
     zone: &TimeZone,
 ) -> Result<Timestamp, String> {
     match format {
         TimeFormat::Rfc3339 => {
-            let text = value.as_str().ok_or("expected an ISO 8601 string")?;
+            let Leaf::Str(text) = value else {
+                return Err("expected an ISO 8601 string".into());
+            };
             if let Ok(ts) = text.parse::<Timestamp>() {
                 return Ok(ts);
             }
@@ -32,8 +34,8 @@ pub fn parse_instant_as(
         }
         TimeFormat::EpochSeconds | TimeFormat::EpochMillis => {
             let text = match value {
-                Value::Number(n) => n.to_string(),
-                Value::String(s) => s.trim().to_owned(),
+                Leaf::Number(n) => n,
+                Leaf::Str(s) => s.trim(),
                 _ => return Err("expected an epoch number".into()),
             };
             let n: i64 = text
@@ -47,8 +49,11 @@ pub fn parse_instant_as(
             ts.map_err(|e| format!("out of range: {e}"))
         }
         TimeFormat::Format(f) => {
-            let text = value.as_str().ok_or("expected a string")?;
-            let tm = BrokenDownTime::parse(f, text).map_err(|_| format!("does not match `{f}`"))?;
+            let Leaf::Str(text) = value else {
+                return Err("expected a string".into());
+            };
+            let tm = BrokenDownTime::parse(f, text.as_bytes())
+                .map_err(|_| format!("does not match `{f}`"))?;
             if tm.offset().is_some() {
                 return tm.to_timestamp().map_err(|e| e.to_string());
             }
@@ -86,7 +91,15 @@ fn in_zone(civil: DateTime, zone: &TimeZone) -> Result<Timestamp, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
+
+    fn parse_instant_as(
+        value: &Value,
+        f: &TimeFormat,
+        zone: &TimeZone,
+    ) -> Result<Timestamp, String> {
+        super::parse_instant_as(&Leaf::from_value(value), f, zone)
+    }
 
     #[test]
     fn naive_times_are_read_in_the_broker_zone() {

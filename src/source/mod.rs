@@ -1,5 +1,5 @@
 //! Sources: where raw records come from. A source opens a pager over one entity's records whose
-//! `last_modified_date` falls in a window; the pager yields pages of raw JSON records.
+//! `last_modified_date` falls in a window; the pager yields pages of raw records (JSON text, or values built from rows).
 //!
 //! The engine owns the window, the commit and the cursor; a source only pages. Each kind of
 //! source (a REST API, a SQL replica) is one module implementing these two traits.
@@ -10,10 +10,10 @@ pub mod sql;
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use serde_json::Value;
 
 use crate::config::{ConnectorPlan, SourcePlan};
 use crate::model::Entity;
+use crate::normalise::RawRecord;
 use crate::sink::BoxFuture;
 
 /// The `last_modified_date` range of one sync: both bounds inclusive.
@@ -29,7 +29,7 @@ pub struct Window {
 /// One page of raw records.
 #[derive(Debug)]
 pub struct Page {
-    pub records: Vec<Value>,
+    pub records: Vec<RawRecord>,
     /// Where the page came from, for messages (no secrets in it).
     pub origin: String,
 }

@@ -15,13 +15,33 @@ use super::auth::Auth;
 use crate::config::RestPlan;
 use crate::http;
 use crate::model::Entity;
+use crate::normalise::RawRecord;
 use crate::source::SourceError;
 use crate::telemetry;
 
-/// A page as received: its JSON body and the `Link: rel="next"` target, if any.
+/// A page as received: its JSON body, the records taken out of it (`body::parse`), and the
+/// `Link: rel="next"` target, if any.
 pub struct Fetched {
     pub body: Value,
+    pub records: Option<Vec<RawRecord>>,
     pub link_next: Option<String>,
+}
+
+impl Fetched {
+    /// Parses a page's bytes, taking the array of records at `records` (a JSON pointer) out
+    /// of the body as record texts.
+    pub fn parse(
+        bytes: &[u8],
+        records: &str,
+        link_next: Option<String>,
+    ) -> serde_json::Result<Fetched> {
+        let body = super::body::parse(bytes, records)?;
+        Ok(Fetched {
+            body: body.envelope,
+            records: body.records,
+            link_next,
+        })
+    }
 }
 
 pub struct HttpClient {
@@ -31,6 +51,8 @@ pub struct HttpClient {
     max_retry_time: Duration,
     max_page_bytes: usize,
     broker: String,
+    /// Where a page's records are (`rest.paging.records`).
+    records: String,
 }
 
 impl HttpClient {
@@ -56,6 +78,7 @@ impl HttpClient {
             max_retry_time: plan.max_retry_time,
             max_page_bytes: plan.max_page_bytes,
             broker: broker.to_owned(),
+            records: plan.paging.records.clone(),
         })
     }
 
@@ -155,16 +178,14 @@ impl HttpClient {
                 retry_after: http::retry_after(&headers),
             });
         }
-        let body = serde_json::from_slice(&body).map_err(|e| SourceError::BadPage {
-            url: shown.clone(),
-            message: format!(
-                "body is not JSON ({e}): {}",
-                self.auth.scrub(http::snippet(&body))
-            ),
-        })?;
-        Ok(Fetched {
-            body,
-            link_next: link_next(&headers),
+        Fetched::parse(&body, &self.records, link_next(&headers)).map_err(|e| {
+            SourceError::BadPage {
+                url: shown.clone(),
+                message: format!(
+                    "body is not JSON ({e}): {}",
+                    self.auth.scrub(http::snippet(&body))
+                ),
+            }
         })
     }
 }

@@ -2,6 +2,7 @@
 //! guide's shape or, with field mapping and paging settings, in its own.
 
 mod auth;
+mod body;
 mod client;
 mod pager;
 pub mod token_cache;

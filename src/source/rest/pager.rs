@@ -40,6 +40,7 @@ use crate::config::RestPlan;
 use crate::config::plan::PagingStyle;
 use crate::http;
 use crate::model::Entity;
+use crate::normalise::RawRecord;
 use crate::normalise::format_instant;
 use crate::sink::BoxFuture;
 use crate::source::{Page, Pager, SourceError, Window};
@@ -83,7 +84,7 @@ pub struct RestPager<'a> {
     anchors: VecDeque<u64>,
     /// The last page served (its length, first and last record), to spot a broker that
     /// answers every request with the same page…
-    last_page: Option<(usize, Value, Value)>,
+    last_page: Option<(usize, u64, u64)>,
     /// …unless the next request deliberately reads again (a step back); and how many
     /// answers in a row repeated the one before.
     rereading: bool,
@@ -166,7 +167,7 @@ impl<'a> RestPager<'a> {
 
     /// Reads the page `url` answered with: returns its records and decides where the next
     /// request goes.
-    pub fn advance(&mut self, url: &Url, fetched: Fetched) -> Result<Vec<Value>, SourceError> {
+    pub fn advance(&mut self, url: &Url, fetched: Fetched) -> Result<Vec<RawRecord>, SourceError> {
         let paging = &self.plan.paging;
         let shown = || self.http.shown(url);
         let mut body = fetched.body;
@@ -202,16 +203,24 @@ impl<'a> RestPager<'a> {
             || paging.missing_is_empty;
         // `{"result": null}` for `/result/items`: an explicit nothing, like a null array.
         let null_parent = null_ancestor(&body, &paging.records);
-        // Taken out of the body, not copied: the rest of the body is read above.
-        let records = match body.pointer_mut(&paging.records).map(Value::take) {
-            Some(Value::Array(records)) => records,
+        // Taken out of the body, not copied: the rest of the body is read above. The client
+        // kept an array of records at the pointer as each record's text (its place in `body`
+        // holds an empty array).
+        let records = match (
+            fetched.records,
+            body.pointer_mut(&paging.records).map(Value::take),
+        ) {
+            (Some(records), _) => records,
+            (None, Some(Value::Array(records))) => {
+                records.into_iter().map(RawRecord::Value).collect()
+            }
             // A null record array, or none beside the paging fields, on the last page means
             // "nothing more" (dlt #2932)…
-            Some(Value::Null) => Vec::new(),
-            None if paging_fields || null_parent => Vec::new(),
+            (None, Some(Value::Null)) => Vec::new(),
+            (None, None) if paging_fields || null_parent => Vec::new(),
             // …but a body with neither is not a page: taking it for an empty one would move
             // the cursor past the window unread.
-            None => {
+            (None, None) => {
                 return Err(SourceError::BadPage {
                     url: shown(),
                     message: format!(
@@ -221,7 +230,7 @@ impl<'a> RestPager<'a> {
                     ),
                 });
             }
-            Some(_) => {
+            (None, Some(_)) => {
                 return Err(SourceError::BadPage {
                     url: shown(),
                     message: format!("`{}` is not an array of records", paging.records),
@@ -230,7 +239,7 @@ impl<'a> RestPager<'a> {
         };
         let rereading = std::mem::take(&mut self.rereading);
         let page = match (records.first(), records.last()) {
-            (Some(first), Some(last)) => Some((records.len(), first.clone(), last.clone())),
+            (Some(first), Some(last)) => Some((records.len(), identity(first), identity(last))),
             _ => None,
         };
         let repeated = page.is_some() && page == self.last_page && !rereading;
@@ -422,7 +431,7 @@ impl<'a> RestPager<'a> {
     fn next_offset(
         &mut self,
         url: &Url,
-        records: &[Value],
+        records: &[RawRecord],
         finished: bool,
         total: Option<u64>,
     ) -> Result<Position, SourceError> {
@@ -557,11 +566,11 @@ fn as_count(value: &Value) -> Option<u64> {
         .or_else(|| value.as_str()?.trim().parse().ok())
 }
 
-/// A record's identity for offset anchors: its whole text, so a record that changed is a new
-/// record (it has moved in the order anyway).
-fn identity(record: &Value) -> u64 {
+/// A record's identity for offset anchors and repeated pages: its whole text, so a record
+/// that changed is a new record (it has moved in the order anyway).
+fn identity(record: &RawRecord) -> u64 {
     let mut hasher = DefaultHasher::new();
-    record.to_string().hash(&mut hasher);
+    record.text().hash(&mut hasher);
     hasher.finish()
 }
 

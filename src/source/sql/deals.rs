@@ -36,6 +36,7 @@ use super::value::{DbValue, TimeKind};
 use super::{SqlSource, params};
 use crate::config::sql::{Currency, DealsPlan, LotsOn, SqlEntityPlan};
 use crate::model::Entity;
+use crate::normalise::RawRecord;
 use crate::sink::BoxFuture;
 use crate::source::{Page, Pager, SourceError, Window};
 
@@ -248,7 +249,10 @@ impl Pager for DealsPager<'_> {
                 Some(day) => {
                     self.answered = true;
                     Ok(Some(Page {
-                        records: self.day(&resolved, day).await?,
+                        records: (self.day(&resolved, day).await?)
+                            .into_iter()
+                            .map(RawRecord::Value)
+                            .collect(),
                         origin: format!("{origin} deals of {day}"),
                     }))
                 }

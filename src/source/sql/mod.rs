@@ -502,7 +502,7 @@ impl RowPager<'_> {
         let records = rows
             .rows
             .iter()
-            .map(|row| record(&rows.names, row, zone))
+            .map(|row| record(&rows.names, row, zone).into())
             .collect();
         // The first call answers even when the window is empty: the engine commits the
         // (empty) last page with the cursor.
