@@ -11,19 +11,120 @@
 
 use std::sync::LazyLock;
 
-use rusqlite::{Transaction, params};
+use rusqlite::{CachedStatement, Transaction, params};
 
 use crate::model::{Entity, Record};
 
 /// Inserts or updates `record` on its natural key. Idempotent: the same record twice is one row.
 pub fn upsert(tx: &Transaction, broker: &str, record: &Record) -> rusqlite::Result<()> {
-    write(tx, &SQL[record.entity() as usize].upsert, broker, record)
+    Writer::upsert(tx, record.entity())?.write(broker, record)
 }
 
-/// Appends `record` to its entity's staging table; `merge` upserts it later. Idempotent once
-/// merged: staging the same record twice merges into one row.
-pub fn stage(tx: &Transaction, broker: &str, record: &Record) -> rusqlite::Result<()> {
-    write(tx, &SQL[record.entity() as usize].stage, broker, record)
+/// One entity's write statement, prepared once and bound record by record: a page's records
+/// go through one `Writer` (looking the statement up in the cache for each record, and
+/// putting it back, cost more than binding it).
+pub struct Writer<'c> {
+    stmt: CachedStatement<'c>,
+    /// Instants and decimals are printed here: SQLite copies bound text, so one buffer serves
+    /// every parameter.
+    text: String,
+}
+
+impl<'c> Writer<'c> {
+    /// Upserts on the natural key (`upsert`).
+    pub fn upsert(tx: &'c Transaction, entity: Entity) -> rusqlite::Result<Writer<'c>> {
+        Writer::new(tx, &SQL[entity as usize].upsert)
+    }
+
+    /// Appends to the entity's staging table; `merge` upserts the rows later. Idempotent once
+    /// merged: staging the same record twice merges into one row.
+    pub fn stage(tx: &'c Transaction, entity: Entity) -> rusqlite::Result<Writer<'c>> {
+        Writer::new(tx, &SQL[entity as usize].stage)
+    }
+
+    fn new(tx: &'c Transaction, sql: &str) -> rusqlite::Result<Writer<'c>> {
+        Ok(Writer {
+            stmt: tx.prepare_cached(sql)?,
+            text: String::new(),
+        })
+    }
+
+    /// Binds `record` (of the writer's entity) after `broker`, in the entity's field order, and
+    /// runs the statement.
+    pub fn write(&mut self, broker: &str, record: &Record) -> rusqlite::Result<()> {
+        let mut at = 0;
+        self.bind(&mut at, broker)?;
+        match record {
+            Record::Customer(c) => {
+                self.bind(&mut at, &c.customer_id)?;
+                self.bind_shown(&mut at, Some(c.signup_date))?;
+                self.bind_shown(&mut at, c.last_modified_date)?;
+                self.bind(&mut at, &c.affiliate_id)?;
+                for text in [
+                    &c.campaign_id,
+                    &c.click_id,
+                    &c.lang_id,
+                    &c.country_code,
+                    &c.kyc_status_id,
+                    &c.sales_status_id,
+                    &c.trading_account_type,
+                    &c.leverage,
+                    &c.first_name,
+                    &c.last_name,
+                    &c.email,
+                ] {
+                    self.bind(&mut at, text)?;
+                }
+            }
+            Record::Transaction(t) => {
+                self.bind(&mut at, &t.transaction_id)?;
+                self.bind(&mut at, &t.customer_id)?;
+                self.bind(&mut at, t.transaction_type.as_str())?;
+                self.bind_shown(&mut at, Some(t.amount))?;
+                self.bind(&mut at, &t.currency)?;
+                self.bind_shown(&mut at, Some(t.transaction_date))?;
+                self.bind(&mut at, &t.status)?;
+                self.bind_shown(&mut at, t.last_modified_date)?;
+            }
+            Record::TradingActivity(a) => {
+                self.bind_shown(&mut at, Some(a.date))?;
+                self.bind(&mut at, &a.customer_id)?;
+                self.bind(&mut at, &a.instrument)?;
+                self.bind_shown(&mut at, Some(a.lots_traded))?;
+                for decimal in [a.volume_usd, a.spread_cost, a.commission, a.pnl] {
+                    self.bind_shown(&mut at, decimal)?;
+                }
+                self.bind(&mut at, &a.currency)?;
+                self.bind_shown(&mut at, a.last_modified_date)?;
+            }
+        }
+        debug_assert_eq!(at, self.stmt.parameter_count());
+        self.stmt.raw_execute().map(drop)
+    }
+
+    /// Binds the next parameter (every one is bound for every record: bindings outlive a run).
+    fn bind(&mut self, at: &mut usize, value: impl rusqlite::ToSql) -> rusqlite::Result<()> {
+        *at += 1;
+        self.stmt.raw_bind_parameter(*at, value)
+    }
+
+    /// Binds the next parameter as `value`'s text (instants as RFC 3339, decimals exactly).
+    fn bind_shown(
+        &mut self,
+        at: &mut usize,
+        value: Option<impl std::fmt::Display>,
+    ) -> rusqlite::Result<()> {
+        use std::fmt::Write;
+        *at += 1;
+        match value {
+            Some(value) => {
+                self.text.clear();
+                let _ = write!(self.text, "{value}");
+                self.stmt.raw_bind_parameter(*at, self.text.as_str())
+            }
+            None => self.stmt.raw_bind_parameter(*at, rusqlite::types::Null),
+        }
+    }
 }
 
 /// Upserts every staged row of `entity` (of every broker) into its keyed table, in key order
@@ -44,17 +145,23 @@ pub fn staged(tx: &Transaction, entity: Entity) -> rusqlite::Result<u64> {
     Ok(n.max(0) as u64)
 }
 
-/// Whether the store holds `customer_id` of `broker`.
-pub fn customer_exists(
-    tx: &Transaction,
-    broker: &str,
-    customer_id: &str,
-) -> rusqlite::Result<bool> {
-    let mut stmt = tx.prepare_cached(
-        "SELECT 1 FROM customers INDEXED BY customers_by_key
-         WHERE broker = ?1 AND customer_id = ?2",
-    )?;
-    stmt.exists(params![broker, customer_id])
+/// Whether the store holds customers of `broker`, asked once per customer id: one statement
+/// prepared for a page's lookups.
+pub struct CustomerLookup<'c>(CachedStatement<'c>);
+
+impl<'c> CustomerLookup<'c> {
+    pub fn new(tx: &'c Transaction) -> rusqlite::Result<CustomerLookup<'c>> {
+        tx.prepare_cached(
+            "SELECT 1 FROM customers INDEXED BY customers_by_key
+             WHERE broker = ?1 AND customer_id = ?2",
+        )
+        .map(CustomerLookup)
+    }
+
+    /// Whether the store holds `customer_id` of `broker`.
+    pub fn exists(&mut self, broker: &str, customer_id: &str) -> rusqlite::Result<bool> {
+        self.0.exists(params![broker, customer_id])
+    }
 }
 
 /// The statements of one entity's table, made from its field list.
@@ -101,10 +208,12 @@ fn statements(entity: Entity) -> Statements {
         ),
         // `WHERE true` keeps SQLite from reading ON CONFLICT as a join constraint. Within a
         // key, rowid order is the order staged: the newest-wins rule then decides as it would
-        // have record by record.
+        // have record by record. The key before the broker: one broker's rows come out in
+        // the table's order all the same, and the sort settles most comparisons on the first
+        // column, which for the broker (the same in every row) it never could.
         merge: format!(
             "INSERT INTO {table} ({columns}) SELECT {columns} FROM staged_{table} WHERE true
-             ORDER BY broker, {keys}, rowid {on_conflict}",
+             ORDER BY {keys}, broker, rowid {on_conflict}",
             keys = keys.join(", "),
         ),
         clear: format!("DELETE FROM staged_{table}"),
@@ -115,54 +224,4 @@ fn statements(entity: Entity) -> Statements {
                  - (SELECT min(rowid) FROM staged_{table}) + 1, 0)"
         ),
     }
-}
-
-/// Binds `record` to `sql`, whose parameters are `broker` then the entity's fields in order.
-fn write(tx: &Transaction, sql: &str, broker: &str, record: &Record) -> rusqlite::Result<()> {
-    let mut stmt = tx.prepare_cached(sql)?;
-    match record {
-        Record::Customer(c) => stmt.execute(params![
-            broker,
-            c.customer_id,
-            c.signup_date.to_string(),
-            c.last_modified_date.map(|t| t.to_string()),
-            c.affiliate_id,
-            c.campaign_id,
-            c.click_id,
-            c.lang_id,
-            c.country_code,
-            c.kyc_status_id,
-            c.sales_status_id,
-            c.trading_account_type,
-            c.leverage,
-            c.first_name,
-            c.last_name,
-            c.email,
-        ]),
-        Record::Transaction(t) => stmt.execute(params![
-            broker,
-            t.transaction_id,
-            t.customer_id,
-            t.transaction_type.as_str(),
-            t.amount.to_string(),
-            t.currency,
-            t.transaction_date.to_string(),
-            t.status,
-            t.last_modified_date.map(|t| t.to_string()),
-        ]),
-        Record::TradingActivity(a) => stmt.execute(params![
-            broker,
-            a.date.to_string(),
-            a.customer_id,
-            a.instrument,
-            a.lots_traded.to_string(),
-            a.volume_usd.map(|d| d.to_string()),
-            a.spread_cost.map(|d| d.to_string()),
-            a.commission.map(|d| d.to_string()),
-            a.pnl.map(|d| d.to_string()),
-            a.currency,
-            a.last_modified_date.map(|t| t.to_string()),
-        ]),
-    }?;
-    Ok(())
 }

@@ -99,6 +99,12 @@ impl SqliteStore {
             let any_held_for_customers = batch.entity == Entity::Customers
                 && any_row(&tx, ANY_HELD_OF_BROKER, params![broker])?;
             let mut known: HashMap<&str, bool> = HashMap::new();
+            let mut lookup = sqlite::CustomerLookup::new(&tx)?;
+            let mut writer = if batch.stage_records {
+                sqlite::Writer::stage(&tx, batch.entity)?
+            } else {
+                sqlite::Writer::upsert(&tx, batch.entity)?
+            };
             for valid in &batch.records {
                 if any_quarantined {
                     let key = valid.record.key();
@@ -115,7 +121,7 @@ impl SqliteStore {
                         None => {
                             // A page's customers only change in a customers batch, which
                             // has no parents: one lookup per customer and page holds.
-                            let exists = sqlite::customer_exists(&tx, &batch.broker, customer)?;
+                            let exists = lookup.exists(&batch.broker, customer)?;
                             known.insert(customer, exists);
                             !exists
                         }
@@ -128,11 +134,7 @@ impl SqliteStore {
                     stats.held += 1;
                     continue;
                 }
-                if batch.stage_records {
-                    sqlite::stage(&tx, &batch.broker, &valid.record)?;
-                } else {
-                    sqlite::upsert(&tx, &batch.broker, &valid.record)?;
-                }
+                writer.write(&batch.broker, &valid.record)?;
                 if any_held {
                     unhold(&tx, &batch.broker, batch.entity, &valid.record.key())?;
                 }
@@ -141,6 +143,7 @@ impl SqliteStore {
                     release_held(&tx, &batch.broker, &c.customer_id, &mut stats.released)?;
                 }
             }
+            drop((writer, lookup));
             save_progress(&tx, batch, &now)?;
             // A long backfill merges as it goes, so that the staging table (and the sort a
             // merge needs) stays bounded.
