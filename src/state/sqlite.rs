@@ -40,6 +40,8 @@ impl SqliteStore {
             let mut conn = Connection::open(path)?;
             // Another process (a backfill beside the daemon) may hold the write lock briefly.
             conn.busy_timeout(Duration::from_secs(30))?;
+            // Only a new, empty database takes it (an existing one keeps its page size).
+            conn.pragma_update(None, "page_size", PAGE_SIZE)?;
             let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
             if !mode.eq_ignore_ascii_case("wal") {
                 return Err(rusqlite::Error::InvalidParameterName(format!(
@@ -551,6 +553,13 @@ impl SqliteStore {
     }
 }
 
+/// Bytes a page of a new state database. SQLite moves a page a system call (WAL appends,
+/// checkpoints, a merge's sort runs): with the default 4 KiB a 1M-record backfill made 260k
+/// `pwrite`s and 170k `pread`s, a sixth of its CPU in the kernel. Bigger pages cost a live
+/// sync more WAL a randomly placed record (a whole page each); 16 KiB is the usual balance
+/// (InnoDB's default) and cut the kernel's share by a third. 32 KiB measured no better.
+const PAGE_SIZE: i64 = 16 * 1024;
+
 /// SQLite's page cache, KiB.
 const CACHE_KIB: i64 = 8 * 1024;
 
@@ -728,4 +737,30 @@ fn sqlite_filter(filter: &QuarantineFilter) -> [Option<String>; 3] {
         filter.entity.map(|e| e.as_str().to_owned()),
         filter.key.clone(),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_store_has_big_pages_and_an_old_one_keeps_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let page_size = |path: &Path| -> i64 {
+            let store = SqliteStore::open(path).unwrap();
+            store
+                .with(|c| c.query_row("PRAGMA page_size", [], |r| r.get(0)))
+                .unwrap()
+        };
+        let new = dir.path().join("new.db");
+        assert_eq!(page_size(&new), PAGE_SIZE);
+        // A store made before pages grew: WAL mode fixes its page size for good.
+        let old = dir.path().join("old.db");
+        let conn = Connection::open(&old).unwrap();
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .unwrap();
+        conn.execute_batch("CREATE TABLE t (x)").unwrap();
+        drop(conn);
+        assert_eq!(page_size(&old), 4096);
+    }
 }
