@@ -197,10 +197,12 @@ impl FieldReader<'_, '_> {
         };
         match text {
             None if required == Required::Yes => self.fail(field, "is required but missing"),
-            Some(s) if s.chars().count() > MAX_STRING_CHARS => self.fail(
-                field,
-                format!("is longer than {MAX_STRING_CHARS} characters"),
-            ),
+            // A byte is at most a character: only a long text needs counting.
+            Some(s) if s.len() > MAX_STRING_CHARS && s.chars().count() > MAX_STRING_CHARS => self
+                .fail(
+                    field,
+                    format!("is longer than {MAX_STRING_CHARS} characters"),
+                ),
             // No store keeps it as text (PostgreSQL refuses it), and no real value holds it.
             Some(s) if s.contains('\0') => self.fail(field, "contains a NUL character"),
             Some(s) if s.trim().is_empty() && required == Required::Yes => {
@@ -345,19 +347,27 @@ pub fn parse_decimal(text: &str) -> Option<Decimal> {
 
 /// Digits from the first non-zero digit to the last non-zero digit.
 fn significant_digits(value: Decimal) -> usize {
-    let mut mantissa = value.mantissa().unsigned_abs();
+    let mantissa = value.mantissa().unsigned_abs();
     if mantissa == 0 {
         return 0;
     }
-    while mantissa.is_multiple_of(10) {
-        mantissa /= 10;
+    // Nearly every amount fits 64 bits, where dividing by ten is a multiplication; 128-bit
+    // division is a library call, and this runs for every money field.
+    match u64::try_from(mantissa) {
+        Ok(mut small) => {
+            while small.is_multiple_of(10) {
+                small /= 10;
+            }
+            (small.ilog10() + 1) as usize
+        }
+        Err(_) => {
+            let mut mantissa = mantissa;
+            while mantissa.is_multiple_of(10) {
+                mantissa /= 10;
+            }
+            (mantissa.ilog10() + 1) as usize
+        }
     }
-    let mut digits = 0;
-    while mantissa > 0 {
-        mantissa /= 10;
-        digits += 1;
-    }
-    digits
 }
 
 fn is_integer_text(text: &str) -> bool {
@@ -473,6 +483,24 @@ su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn significant_digits_ignore_leading_and_trailing_zeros() {
+        for (text, digits) in [
+            ("0", 0),
+            ("0.000", 0),
+            ("100", 1),
+            ("-0.00120", 2),
+            ("123456789012345", 15),
+            ("1234567890123456789012345678", 28),
+            ("-79228162514264337593543950335", 29),
+            ("18446744073709551616", 20),
+            ("18446744073709551615", 20),
+        ] {
+            let value = parse_decimal(text).unwrap();
+            assert_eq!(significant_digits(value), digits, "{text}");
+        }
+    }
 
     #[test]
     fn code_lists_are_sorted_and_fixed_width_for_the_binary_search() {

@@ -145,23 +145,32 @@ pub fn staged(tx: &Transaction, entity: Entity) -> rusqlite::Result<u64> {
     Ok(n.max(0) as u64)
 }
 
-/// Whether the store holds customers of `broker`, asked once per customer id: one statement
-/// prepared for a page's lookups.
-pub struct CustomerLookup<'c>(CachedStatement<'c>);
-
-impl<'c> CustomerLookup<'c> {
-    pub fn new(tx: &'c Transaction) -> rusqlite::Result<CustomerLookup<'c>> {
-        tx.prepare_cached(
-            "SELECT 1 FROM customers INDEXED BY customers_by_key
-             WHERE broker = ?1 AND customer_id = ?2",
-        )
-        .map(CustomerLookup)
+/// Which of `customer_ids` of `broker` the store holds, in their order: one query for a
+/// page's parents (a statement run per id cost more than the index lookups it made).
+pub fn customers_found(
+    tx: &Transaction,
+    broker: &str,
+    customer_ids: &[&str],
+) -> rusqlite::Result<Vec<bool>> {
+    let mut found = vec![false; customer_ids.len()];
+    if customer_ids.is_empty() {
+        return Ok(found);
     }
-
-    /// Whether the store holds `customer_id` of `broker`.
-    pub fn exists(&mut self, broker: &str, customer_id: &str) -> rusqlite::Result<bool> {
-        self.0.exists(params![broker, customer_id])
+    let list = serde_json::to_string(customer_ids)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let mut stmt = tx.prepare_cached(
+        "SELECT j.key FROM json_each(?2) j WHERE EXISTS
+             (SELECT 1 FROM customers AS c INDEXED BY customers_by_key
+              WHERE c.broker = ?1 AND c.customer_id = j.value)",
+    )?;
+    let mut rows = stmt.query(params![broker, list])?;
+    while let Some(row) = rows.next()? {
+        let at: i64 = row.get(0)?;
+        if let Some(slot) = usize::try_from(at).ok().and_then(|i| found.get_mut(i)) {
+            *slot = true;
+        }
     }
+    Ok(found)
 }
 
 /// The statements of one entity's table, made from its field list.

@@ -100,8 +100,22 @@ impl SqliteStore {
             let mut any_held = any_row(&tx, ANY_HELD, params![broker, entity])?;
             let any_held_for_customers = batch.entity == Entity::Customers
                 && any_row(&tx, ANY_HELD_OF_BROKER, params![broker])?;
-            let mut known: HashMap<&str, bool> = HashMap::new();
-            let mut lookup = sqlite::CustomerLookup::new(&tx)?;
+            // Whether each parent customer of the page is stored, asked once for the page.
+            // (A page's customers only change in a customers batch, which has no parents.)
+            let known: HashMap<&str, bool> = if batch.keep_records && batch.hold_orphans {
+                let mut parents: Vec<&str> = batch
+                    .records
+                    .iter()
+                    .filter_map(|v| v.record.parent_customer())
+                    .collect();
+                // In key order, the index lookups walk the index once, front to back.
+                parents.sort_unstable();
+                parents.dedup();
+                let found = sqlite::customers_found(&tx, &batch.broker, &parents)?;
+                parents.into_iter().zip(found).collect()
+            } else {
+                HashMap::new()
+            };
             let mut writer = if batch.stage_records {
                 sqlite::Writer::stage(&tx, batch.entity)?
             } else {
@@ -118,16 +132,7 @@ impl SqliteStore {
                     continue;
                 }
                 let orphan = match valid.record.parent_customer() {
-                    Some(customer) if batch.hold_orphans => match known.get(customer) {
-                        Some(exists) => !exists,
-                        None => {
-                            // A page's customers only change in a customers batch, which
-                            // has no parents: one lookup per customer and page holds.
-                            let exists = lookup.exists(&batch.broker, customer)?;
-                            known.insert(customer, exists);
-                            !exists
-                        }
-                    },
+                    Some(customer) if batch.hold_orphans => known.get(customer) != Some(&true),
                     _ => false,
                 };
                 if orphan {
@@ -145,7 +150,7 @@ impl SqliteStore {
                     release_held(&tx, &batch.broker, &c.customer_id, &mut stats.released)?;
                 }
             }
-            drop((writer, lookup));
+            drop(writer);
             save_progress(&tx, batch, &now)?;
             // A long backfill merges as it goes, so that the staging table (and the sort a
             // merge needs) stays bounded.
