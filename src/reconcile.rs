@@ -505,7 +505,7 @@ fn keep_page(
     let tx = conn.unchecked_transaction().map_err(|e| scratch.fail(e))?;
     let result = (|| -> rusqlite::Result<()> {
         for raw in records {
-            let text = raw.text().into_owned();
+            let text = raw.text();
             match check(entity, raw, mapping) {
                 Ok(valid) => {
                     crate::sink::sqlite::upsert(&tx, broker, &valid.record)?;

@@ -10,7 +10,7 @@
 
 pub mod mapping;
 pub mod pii;
-mod raw;
+pub(crate) mod raw;
 mod time;
 
 pub use mapping::{Convert, FieldRule, FieldSource, Fields, Mapping};

@@ -1,28 +1,34 @@
 //! A broker's record as it arrives, and the values a mapping reads out of it.
 //!
-//! A REST page's records are kept as their own JSON text (`RawRecord::Text`), not parsed into
-//! `serde_json::Value`s: a `Value` allocates every key and every string and builds a map per
-//! record, then frees it all a moment later, and that was a fifth of a backfill's CPU. The
-//! mapping reads a text record through a `View` (its members, borrowed from the text) and each
-//! field as a `Leaf` (a string or number borrowed from the text too). Records from a database
-//! or from quarantine are `Value`s and read through the same two types.
+//! A REST page's records are not parsed into `serde_json::Value`s: a `Value` allocates every
+//! key and every string and builds a map per record, then frees it all a moment later, and
+//! that was a fifth of a backfill's CPU. The page is read once (`source::rest::body`): each
+//! record that is an object becomes an `Object`, the places of its keys and values in the
+//! page's text. The mapping reads it through a `View` and each field as a `Leaf` (a string or
+//! number borrowed from the page too). Records from a database or from quarantine are
+//! `Value`s and read through the same two types.
 
 use std::borrow::Cow;
 use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::ops::Range;
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use jiff::civil::Date;
 use rust_decimal::Decimal;
-use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
+use serde::de::value::SeqAccessDeserializer;
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
 /// One raw record of a page.
 #[derive(Debug, Clone)]
 pub enum RawRecord {
-    /// The record's JSON text, exactly as the broker sent it.
-    Text(Box<RawValue>),
-    /// A record built from a database row, or read back from quarantine.
+    /// An object in a page's text.
+    Object(Object),
+    /// A record built from a database row or read back from quarantine, or a page's record
+    /// that is not an object (or has escaped keys).
     Value(Value),
 }
 
@@ -36,35 +42,89 @@ impl RawRecord {
     /// The record as a JSON value (for quarantine and messages: the rare path).
     pub fn into_value(self) -> Value {
         match self {
-            // Text that serde_json captured is valid JSON.
-            RawRecord::Text(raw) => serde_json::from_str(raw.get()).unwrap_or(Value::Null),
+            RawRecord::Object(object) => object.to_value(),
             RawRecord::Value(value) => value,
         }
     }
 
-    /// The record's JSON text: a text record's as sent, a value's compact.
-    pub fn text(&self) -> Cow<'_, str> {
+    /// The record's JSON text, compact.
+    pub fn text(&self) -> String {
         match self {
-            RawRecord::Text(raw) => Cow::Borrowed(raw.get()),
-            RawRecord::Value(value) => Cow::Owned(value.to_string()),
+            RawRecord::Object(object) => object.to_value().to_string(),
+            RawRecord::Value(value) => value.to_string(),
         }
+    }
+
+    /// A hash of the whole record: two answers of a broker hold the same record when these
+    /// are equal (a record that changed is a new one).
+    pub fn identity(&self) -> u64 {
+        let mut hasher = std::hash::DefaultHasher::new();
+        match self {
+            RawRecord::Object(object) => {
+                for (key, value) in object.members() {
+                    (key, value).hash(&mut hasher);
+                }
+            }
+            RawRecord::Value(value) => value.to_string().hash(&mut hasher),
+        }
+        hasher.finish()
     }
 
     /// The record's members for a mapping to read, or `None` when it is not a JSON object.
     pub fn view(&self) -> Option<View<'_>> {
         match self {
-            RawRecord::Text(raw) => members(raw.get()).map(View::Members),
+            RawRecord::Object(object) => Some(View::Object(object)),
             RawRecord::Value(value) => value.is_object().then_some(View::Value(value)),
         }
     }
+}
+
+/// A JSON object in a page's text: where each member's key and value are. The page's text is
+/// shared by its records and freed with the last of them.
+#[derive(Debug, Clone)]
+pub struct Object {
+    page: Arc<str>,
+    /// Key start, key length, value start, value length: byte offsets into `page`. Keys
+    /// without escapes only (a key with one makes its record a `Value`).
+    members: Vec<[u32; 4]>,
+}
+
+impl Object {
+    /// Each member's key and value text, in the order sent.
+    fn members(&self) -> impl DoubleEndedIterator<Item = (&str, &str)> {
+        self.members
+            .iter()
+            .map(|[ks, kl, vs, vl]| (&self.page[span(*ks, *kl)], &self.page[span(*vs, *vl)]))
+    }
+
+    /// A repeated key's last value wins, as it does in a `Value`. (Every field of every record
+    /// is looked up here: lengths first, bytes only when they match.)
+    fn get(&self, key: &str) -> Option<&str> {
+        let page = self.page.as_bytes();
+        let [_, _, start, len] = *self.members.iter().rev().find(|[ks, kl, _, _]| {
+            *kl as usize == key.len() && &page[span(*ks, *kl)] == key.as_bytes()
+        })?;
+        self.page.get(span(start, len))
+    }
+
+    fn to_value(&self) -> Value {
+        Value::Object(
+            self.members()
+                .map(|(k, v)| (k.to_owned(), serde_json::from_str(v).unwrap_or(Value::Null)))
+                .collect(),
+        )
+    }
+}
+
+fn span(start: u32, len: u32) -> Range<usize> {
+    start as usize..start as usize + len as usize
 }
 
 /// A JSON object as a mapping reads it.
 #[derive(Debug)]
 pub enum View<'a> {
     Value(&'a Value),
-    /// An object's members in the order sent, each value's text borrowed from the record.
-    Members(Vec<(Cow<'a, str>, &'a RawValue)>),
+    Object(&'a Object),
 }
 
 impl<'a> View<'a> {
@@ -72,41 +132,26 @@ impl<'a> View<'a> {
     pub fn walk(&self, segments: &[String]) -> Option<Leaf<'a>> {
         match self {
             View::Value(value) => walk_value(value, segments).map(Leaf::from_value),
-            View::Members(members) => {
+            View::Object(object) => {
                 let (first, rest) = segments.split_first()?;
-                walk_raw(member(members, first)?, rest)
+                walk_text(object.get(first)?, rest)
             }
         }
     }
 }
 
-/// The members of the JSON object `text`, or `None` when it is not one.
-fn members(text: &str) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
-    if !text.starts_with('{') {
-        return None;
-    }
-    serde_json::from_str::<Members>(text).ok().map(|m| m.0)
-}
-
-/// A repeated key's last value wins, as it does in a `Value`.
-fn member<'a>(members: &[(Cow<'a, str>, &'a RawValue)], key: &str) -> Option<&'a RawValue> {
-    members
-        .iter()
-        .rev()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| *v)
-}
-
-fn walk_raw<'a>(raw: &'a RawValue, segments: &[String]) -> Option<Leaf<'a>> {
+/// Into the JSON text `text` (valid JSON: serde_json read it).
+fn walk_text<'a>(text: &'a str, segments: &[String]) -> Option<Leaf<'a>> {
     let Some((first, rest)) = segments.split_first() else {
-        return Some(Leaf::from_raw(raw));
+        return Some(Leaf::from_text(text));
     };
-    let text = raw.get();
     if text.starts_with('{') {
-        walk_raw(member(&members(text)?, first)?, rest)
+        let members = serde_json::from_str::<Members>(text).ok()?.0;
+        let (_, value) = members.iter().rev().find(|(k, _)| k == first)?;
+        walk_text(value.get(), rest)
     } else if text.starts_with('[') {
         let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
-        walk_raw(items.get(array_index(first)?)?, rest)
+        walk_text(items.get(array_index(first)?)?.get(), rest)
     } else {
         None
     }
@@ -155,9 +200,8 @@ impl<'a> Leaf<'a> {
         }
     }
 
-    /// From valid JSON text (what serde_json captured as a `RawValue`).
-    pub fn from_raw(raw: &'a RawValue) -> Leaf<'a> {
-        let text = raw.get();
+    /// From valid JSON text (a value serde_json has read).
+    pub fn from_text(text: &'a str) -> Leaf<'a> {
         match text.as_bytes().first() {
             Some(b'"') if !text.contains('\\') => {
                 Leaf::Str(Cow::Borrowed(&text[1..text.len() - 1]))
@@ -226,6 +270,105 @@ impl fmt::Display for Leaf<'_> {
     }
 }
 
+/// Reads one record of a page whose text is `page`. The deserializer must read `page` itself
+/// (what it borrows must lie in it); anything else makes the record a `Value`.
+pub struct RecordSeed<'p> {
+    pub page: &'p Arc<str>,
+}
+
+/// With `arbitrary_precision`, serde_json hands a number over as a map with this one key.
+pub(crate) const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+impl<'de> DeserializeSeed<'de> for RecordSeed<'_> {
+    type Value = RawRecord;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<RawRecord, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RecordSeed<'_> {
+    type Value = RawRecord;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a record")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<RawRecord, M::Error> {
+        // Where a text serde_json borrowed lies in the page; `None` if it is not the page's.
+        let base = self.page.as_ptr() as usize;
+        let place = |text: &str| -> Option<[u32; 2]> {
+            let start = (text.as_ptr() as usize).checked_sub(base)?;
+            (start + text.len() <= self.page.len()).then_some(())?;
+            Some([u32::try_from(start).ok()?, u32::try_from(text.len()).ok()?])
+        };
+        let mut members: Vec<[u32; 4]> = Vec::with_capacity(map.size_hint().unwrap_or(16));
+        while let Some(Key(key)) = map.next_key()? {
+            if members.is_empty() && key == NUMBER_TOKEN {
+                let text: String = map.next_value()?;
+                let number = serde_json::from_str(&text).map_err(de::Error::custom)?;
+                return Ok(RawRecord::Value(number));
+            }
+            let value: &'de RawValue = map.next_value()?;
+            let placed = match &key {
+                Cow::Borrowed(k) => place(k).zip(place(value.get())),
+                Cow::Owned(_) => None,
+            };
+            if let Some(([ks, kl], [vs, vl])) = placed {
+                members.push([ks, kl, vs, vl]);
+                continue;
+            }
+            // An escaped key (its text is not the key): the record becomes a `Value`.
+            let read = Object {
+                page: Arc::clone(self.page),
+                members,
+            };
+            let Value::Object(mut object) = read.to_value() else {
+                unreachable!("an object's value is an object")
+            };
+            let parse = |v: &RawValue| serde_json::from_str(v.get()).map_err(de::Error::custom);
+            object.insert(key.into_owned(), parse(value)?);
+            while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                object.insert(k, v);
+            }
+            return Ok(RawRecord::Value(Value::Object(object)));
+        }
+        Ok(RawRecord::Object(Object {
+            page: Arc::clone(self.page),
+            members,
+        }))
+    }
+
+    // Not an object: kept as a value, for validation to say so.
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<RawRecord, A::Error> {
+        Value::deserialize(SeqAccessDeserializer::new(seq)).map(RawRecord::Value)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<RawRecord, E> {
+        Ok(RawRecord::Value(Value::Null))
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawRecord, E> {
+        Ok(RawRecord::Value(Value::Bool(v)))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawRecord, E> {
+        Ok(RawRecord::Value(Value::from(v)))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawRecord, E> {
+        Ok(RawRecord::Value(Value::from(v)))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawRecord, E> {
+        Ok(RawRecord::Value(Value::from(v)))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<RawRecord, E> {
+        Ok(RawRecord::Value(Value::String(v.to_owned())))
+    }
+}
+
 /// An object's members with their values unparsed.
 struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
@@ -279,8 +422,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A record as a page's parser reads it.
     fn text(json: &str) -> RawRecord {
-        RawRecord::Text(serde_json::from_str(json).unwrap())
+        let page: Arc<str> = Arc::from(json);
+        let mut de = serde_json::Deserializer::from_str(&page);
+        RecordSeed { page: &page }.deserialize(&mut de).unwrap()
     }
 
     fn seg(path: &[&str]) -> Vec<String> {
@@ -328,7 +474,6 @@ mod tests {
             raw_view.walk(&seg(&["n"])),
             Some(Leaf::Number(Cow::Borrowed("1.50e3")))
         );
-        drop(raw_view);
         assert_eq!(raw.into_value(), value);
     }
 
@@ -336,7 +481,15 @@ mod tests {
     fn only_objects_have_a_view() {
         assert!(text("[1, 2]").view().is_none());
         assert!(text("\"x\"").view().is_none());
+        assert!(text("12.50").view().is_none());
+        let exact: Value = serde_json::from_str("12.50").unwrap();
+        assert_eq!(text("12.50").into_value(), exact);
         assert!(RawRecord::Value(json!(3)).view().is_none());
-        assert_eq!(text(r#"{"a": 1}"#).text(), r#"{"a": 1}"#);
+        assert!(matches!(text(r#"{"a": 1}"#), RawRecord::Object(_)));
+        assert_eq!(text(r#"{"a":  1, "b": [2]}"#).text(), r#"{"a":1,"b":[2]}"#);
+        // An escaped key is unescaped, as a `Value` would have it.
+        let escaped = text(r#"{"a\u0062": 1}"#);
+        assert!(matches!(escaped, RawRecord::Value(_)));
+        assert_eq!(escaped.into_value(), json!({"ab": 1}));
     }
 }
