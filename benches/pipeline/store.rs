@@ -1,6 +1,7 @@
 //! (b) The store ceiling: a minimal rusqlite loop into tables with the embedded store's columns
 //! (v1 of src/state/schema.rs), WAL, `synchronous = NORMAL`, one prepared upsert per entity,
-//! 500 rows per transaction, rows written in key order (or, for comparison, in broker order).
+//! 500 rows per transaction, the store's 16 KiB pages, rows written in key order (or, for
+//! comparison, in broker order).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -130,6 +131,9 @@ fn key_order(
 pub fn ceiling(data: &Gen, dir: &Path, in_key_order: bool) -> anyhow::Result<Duration> {
     let path = dir.join("ceiling.db");
     let mut conn = Connection::open(&path)?;
+    // The embedded store's page size (src/state/sqlite.rs, PAGE_SIZE): the engine as the
+    // connector runs it.
+    conn.pragma_update(None, "page_size", 16 * 1024)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     anyhow::ensure!(mode == "wal", "journal_mode is {mode}, not wal");
     conn.pragma_update(None, "synchronous", "NORMAL")?;
