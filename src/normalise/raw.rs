@@ -56,7 +56,9 @@ impl RawRecord {
     }
 
     /// A hash of the whole record: two answers of a broker hold the same record when these
-    /// are equal (a record that changed is a new one).
+    /// are equal (a record that changed is a new one). An object is hashed by its members'
+    /// texts as sent, without building a value: a broker that printed the same record with
+    /// its keys in another order would make it look changed (none is known to).
     pub fn identity(&self) -> u64 {
         let mut hasher = std::hash::DefaultHasher::new();
         match self {
@@ -475,6 +477,17 @@ mod tests {
             Some(Leaf::Number(Cow::Borrowed("1.50e3")))
         );
         assert_eq!(raw.into_value(), value);
+    }
+
+    #[test]
+    fn a_record_is_the_same_record_until_a_value_changes() {
+        let a = text(r#"{"id": "1", "amount": "10.00"}"#).identity();
+        assert_eq!(a, text(r#"{ "id":"1" ,"amount" :  "10.00" }"#).identity());
+        assert_ne!(a, text(r#"{"id": "1", "amount": "10.50"}"#).identity());
+        assert_ne!(
+            a,
+            text(r#"{"id": "1", "amount": "10.00", "x": null}"#).identity()
+        );
     }
 
     #[test]

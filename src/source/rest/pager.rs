@@ -28,7 +28,6 @@
 //! past records never read).
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
 
 use jiff::tz::TimeZone;
 use reqwest::Url;
@@ -239,7 +238,7 @@ impl<'a> RestPager<'a> {
         };
         let rereading = std::mem::take(&mut self.rereading);
         let page = match (records.first(), records.last()) {
-            (Some(first), Some(last)) => Some((records.len(), identity(first), identity(last))),
+            (Some(first), Some(last)) => Some((records.len(), first.identity(), last.identity())),
             _ => None,
         };
         let repeated = page.is_some() && page == self.last_page && !rereading;
@@ -436,7 +435,7 @@ impl<'a> RestPager<'a> {
         total: Option<u64>,
     ) -> Result<Position, SourceError> {
         let requested_from = self.offset.saturating_sub(self.anchors.len() as u64);
-        let ids: Vec<u64> = records.iter().map(identity).collect();
+        let ids: Vec<u64> = records.iter().map(RawRecord::identity).collect();
         // The last anchor found in the answer: everything after it is unread.
         let found = self
             .anchors
@@ -564,14 +563,6 @@ fn as_count(value: &Value) -> Option<u64> {
     value
         .as_u64()
         .or_else(|| value.as_str()?.trim().parse().ok())
-}
-
-/// A record's identity for offset anchors and repeated pages: its whole text, so a record
-/// that changed is a new record (it has moved in the order anyway).
-fn identity(record: &RawRecord) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    record.text().hash(&mut hasher);
-    hasher.finish()
 }
 
 #[cfg(test)]
