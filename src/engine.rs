@@ -5,6 +5,7 @@
 //! the window's last page: a crash anywhere before it leaves the cursor where it was, and the
 //! re-run re-reads pages whose records are already stored (upserts: no duplicates).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use jiff::{SignedDuration, Timestamp};
@@ -500,8 +501,12 @@ pub fn check(entity: Entity, original: RawRecord, mapping: &Mapping) -> Result<V
             let key = failed.then(|| quarantine_key(entity, &fields.to_value()));
             (result, mapping_reasons, key)
         }
+        // Only a value can be other than an object (a page's non-object records are values).
         None => {
-            let value = original.clone().into_value();
+            let value = match &original {
+                RawRecord::Value(value) => Cow::Borrowed(value),
+                other => Cow::Owned(other.clone().into_value()),
+            };
             let result = validate::validate(entity, &value);
             let key = Some(quarantine_key(entity, &value));
             (result, Vec::new(), key)

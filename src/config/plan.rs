@@ -900,6 +900,15 @@ fn paging_plan(raw: &RawRest, problems: &mut Problems) -> Option<PagingPlan> {
 }
 
 /// A JSON pointer (`/a/b`, `""` for the whole value) or a dotted path (`a.b`) as a pointer.
+/// A JSON pointer's segments, unescaped (`""` has none: the whole document).
+pub fn pointer_segments(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
 pub fn json_pointer(text: &str) -> Result<String, String> {
     if text.is_empty() || text.starts_with('/') {
         return Ok(text.to_owned());

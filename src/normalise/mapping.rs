@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::pii::PiiPolicy;
 use super::raw::{Leaf, View};
 use super::time::parse_instant_as;
-use crate::config::plan::{TimeFormat, json_pointer};
+use crate::config::plan::{TimeFormat, json_pointer, pointer_segments};
 use crate::config::raw::{RawField, RawFieldRule};
 use crate::model::Entity;
 use crate::validate::parse_decimal;
@@ -290,11 +290,7 @@ fn identity(entity: Entity, field: &'static str) -> FieldRule {
 
 fn segments(source: &FieldSource) -> Vec<String> {
     match source {
-        FieldSource::Path(pointer) => pointer
-            .split('/')
-            .skip(1)
-            .map(|s| s.replace("~1", "/").replace("~0", "~"))
-            .collect(),
+        FieldSource::Path(pointer) => pointer_segments(pointer),
         FieldSource::Const(_) => Vec::new(),
     }
 }

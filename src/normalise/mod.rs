@@ -16,4 +16,4 @@ mod time;
 pub use mapping::{Convert, FieldRule, FieldSource, Fields, Mapping};
 pub use pii::{PiiAction, PiiPolicy};
 pub use raw::{Leaf, RawRecord, View};
-pub use time::{format_instant, parse_instant_as, write_rfc3339};
+pub use time::{format_instant, parse_instant_as};

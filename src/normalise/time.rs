@@ -79,56 +79,6 @@ pub fn format_instant(ts: Timestamp, format: &TimeFormat, zone: &TimeZone) -> St
     }
 }
 
-/// Appends `ts` to `out` exactly as `ts.to_string()` would (RFC 3339 in UTC, `Z`, the
-/// fraction only when there is one, without trailing zeros), without the formatting
-/// machinery: the store writes two or three instants a record.
-pub fn write_rfc3339(ts: Timestamp, out: &mut String) {
-    let (seconds, nanos) = (ts.as_second(), ts.subsec_nanosecond());
-    // Years 1970 to 9999; anything else the slow way.
-    if !(0..=253_402_300_799).contains(&seconds) || nanos < 0 {
-        use std::fmt::Write;
-        let _ = write!(out, "{ts}");
-        return;
-    }
-    let (days, of_day) = (seconds / 86_400, seconds % 86_400);
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's `civil_from_days`).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let of_era = z - era * 146_097;
-    let year_of_era = (of_era - of_era / 1460 + of_era / 36_524 - of_era / 146_096) / 365;
-    let day_of_year = of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    let mut text = *b"0000-00-00T00:00:00.000000000Z";
-    let mut put = |at: usize, width: usize, mut n: i64| {
-        for i in (at..at + width).rev() {
-            text[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-        }
-    };
-    put(0, 4, year);
-    put(5, 2, month);
-    put(8, 2, day);
-    put(11, 2, of_day / 3600);
-    put(14, 2, of_day / 60 % 60);
-    put(17, 2, of_day % 60);
-    let end = if nanos == 0 {
-        19
-    } else {
-        put(20, 9, i64::from(nanos));
-        let mut end = 29;
-        while text[end - 1] == b'0' {
-            end -= 1;
-        }
-        end
-    };
-    text[end] = b'Z';
-    // Only ASCII digits and separators were written.
-    out.push_str(std::str::from_utf8(&text[..=end]).unwrap_or_default());
-}
-
 fn in_zone(civil: DateTime, zone: &TimeZone) -> Result<Timestamp, String> {
     // `compatible`: a time in a DST gap moves forward, a repeated hour takes its first
     // occurrence, as the broker's server would have printed it.
@@ -149,42 +99,6 @@ mod tests {
         zone: &TimeZone,
     ) -> Result<Timestamp, String> {
         super::parse_instant_as(&Leaf::from_value(value), f, zone)
-    }
-
-    #[test]
-    fn instants_are_written_as_jiff_writes_them() {
-        let check = |ts: Timestamp| {
-            let mut ours = String::from("x");
-            write_rfc3339(ts, &mut ours);
-            assert_eq!(ours, format!("x{ts}"));
-        };
-        for (s, n) in [
-            (0, 0),
-            (0, 1),
-            (0, 100_000_000),
-            (0, 999_999_999),
-            (951_782_400, 0), // 2000-02-29
-            (1_767_225_599, 120_000_000),
-            (4_107_542_400, 0), // 2100-03-01
-            (253_402_207_200, 0),
-            (-1, 0),
-            (-62_135_596_800, 5),
-        ] {
-            check(Timestamp::new(s, n).unwrap());
-        }
-        // Days all over 1970–9999 (leap days and century years among them), at odd times.
-        let mut s = 0_i64;
-        while s < 253_402_207_200 {
-            check(Timestamp::new(s, (s % 1_000_000_007 % 1_000_000_000) as i32).unwrap());
-            s += 86_400 * 29 + 3_607;
-        }
-        for year in [2000, 2024, 2100, 2400] {
-            for (month, day) in [(2, 28), (2, 29), (3, 1), (12, 31)] {
-                if let Ok(date) = Date::new(year, month, day) {
-                    check(date.to_zoned(TimeZone::UTC).unwrap().timestamp());
-                }
-            }
-        }
     }
 
     #[test]

@@ -11,11 +11,9 @@
 
 use std::sync::LazyLock;
 
-use jiff::Timestamp;
 use rusqlite::{CachedStatement, Transaction, params};
 
 use crate::model::{Entity, Record};
-use crate::normalise::write_rfc3339;
 
 /// Inserts or updates `record` on its natural key. Idempotent: the same record twice is one row.
 pub fn upsert(tx: &Transaction, broker: &str, record: &Record) -> rusqlite::Result<()> {
@@ -59,8 +57,8 @@ impl<'c> Writer<'c> {
         match record {
             Record::Customer(c) => {
                 self.bind(&mut at, &c.customer_id)?;
-                self.bind_instant(&mut at, Some(c.signup_date))?;
-                self.bind_instant(&mut at, c.last_modified_date)?;
+                self.bind_shown(&mut at, Some(c.signup_date))?;
+                self.bind_shown(&mut at, c.last_modified_date)?;
                 self.bind(&mut at, &c.affiliate_id)?;
                 for text in [
                     &c.campaign_id,
@@ -84,9 +82,9 @@ impl<'c> Writer<'c> {
                 self.bind(&mut at, t.transaction_type.as_str())?;
                 self.bind_shown(&mut at, Some(t.amount))?;
                 self.bind(&mut at, &t.currency)?;
-                self.bind_instant(&mut at, Some(t.transaction_date))?;
+                self.bind_shown(&mut at, Some(t.transaction_date))?;
                 self.bind(&mut at, &t.status)?;
-                self.bind_instant(&mut at, t.last_modified_date)?;
+                self.bind_shown(&mut at, t.last_modified_date)?;
             }
             Record::TradingActivity(a) => {
                 self.bind_shown(&mut at, Some(a.date))?;
@@ -97,7 +95,7 @@ impl<'c> Writer<'c> {
                     self.bind_shown(&mut at, decimal)?;
                 }
                 self.bind(&mut at, &a.currency)?;
-                self.bind_instant(&mut at, a.last_modified_date)?;
+                self.bind_shown(&mut at, a.last_modified_date)?;
             }
         }
         debug_assert_eq!(at, self.stmt.parameter_count());
@@ -110,20 +108,7 @@ impl<'c> Writer<'c> {
         self.stmt.raw_bind_parameter(*at, value)
     }
 
-    /// Binds the next parameter as an instant's RFC 3339 text.
-    fn bind_instant(&mut self, at: &mut usize, value: Option<Timestamp>) -> rusqlite::Result<()> {
-        *at += 1;
-        match value {
-            Some(ts) => {
-                self.text.clear();
-                write_rfc3339(ts, &mut self.text);
-                self.stmt.raw_bind_parameter(*at, self.text.as_str())
-            }
-            None => self.stmt.raw_bind_parameter(*at, rusqlite::types::Null),
-        }
-    }
-
-    /// Binds the next parameter as `value`'s text (decimals exactly, days as `YYYY-MM-DD`).
+    /// Binds the next parameter as `value`'s text (instants as RFC 3339, decimals exactly).
     fn bind_shown(
         &mut self,
         at: &mut usize,

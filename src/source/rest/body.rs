@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use crate::config::plan::pointer_segments;
 use crate::normalise::RawRecord;
 use crate::normalise::raw::{NUMBER_TOKEN, RecordSeed};
 
@@ -24,15 +25,7 @@ pub struct Body {
 /// Parses `bytes` as JSON, reading the array at `pointer` (a JSON pointer; `""` for the whole
 /// body) as records. Malformed JSON fails as `serde_json::from_slice` would.
 pub fn parse(bytes: &[u8], pointer: &str) -> serde_json::Result<Body> {
-    let segments: Vec<String> = if pointer.is_empty() {
-        Vec::new()
-    } else {
-        pointer
-            .split('/')
-            .skip(1)
-            .map(|s| s.replace("~1", "/").replace("~0", "~"))
-            .collect()
-    };
+    let segments = pointer_segments(pointer);
     // Checked once here, the text needs no check string by string while it is parsed.
     let page: Arc<str> = match std::str::from_utf8(bytes) {
         Ok(text) => Arc::from(text),
