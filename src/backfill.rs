@@ -73,10 +73,15 @@ pub async fn backfill(
     .await;
     // The lane's records were committed to the staging table: merge them into the entity
     // tables, whether the lane finished or stopped. (This blocks the thread for the merge; a
-    // backfill command has nothing else to do meanwhile.)
+    // backfill command has nothing else to do meanwhile.) Pages count their records as
+    // stored when staged; those the merge held for want of their customer count as held.
     let merged = runner.store.merge_staged().map_err(store_error);
     pulled?;
-    debug!(broker = %plan.broker, %entity, merged = merged?, "Backfill merged into the store.");
+    let merged = merged?;
+    total.stats.stored = total.stats.stored.saturating_sub(merged.held);
+    total.stats.held += merged.held;
+    debug!(broker = %plan.broker, %entity, merged = merged.stored, held = merged.held,
+           "Backfill merged into the store.");
     Ok(total)
 }
 

@@ -325,6 +325,16 @@ async fn invalid_records_are_quarantined_with_every_reason_and_leave_when_fixed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_are_held_until_their_customer_arrives() {
+    orphans_held(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfills_orphans_are_held_until_their_customer_arrives() {
+    // A backfill decides at its merge, not page by page: the outcome must be the same.
+    orphans_held(true).await;
+}
+
+async fn orphans_held(by_backfill: bool) {
     let env = Env::start(dataset(20), Paging::Cursor, Connector::default()).await;
     env.sync().await.expect("sync");
     let now = Timestamp::now() - SignedDuration::from_secs(2);
@@ -342,8 +352,12 @@ async fn orphans_are_held_until_their_customer_arrives() {
         );
     });
     // Transactions and activity only: the customer is not there yet.
-    env.sync_entity(Entity::Transactions).await.unwrap();
-    env.sync_entity(Entity::TradingActivity).await.unwrap();
+    if by_backfill {
+        env.backfill("2025-01-01", None).await.unwrap();
+    } else {
+        env.sync_entity(Entity::Transactions).await.unwrap();
+        env.sync_entity(Entity::TradingActivity).await.unwrap();
+    }
     assert_eq!(env.held(Entity::Transactions), vec!["ORPHAN-1"]);
     assert_eq!(env.held(Entity::TradingActivity).len(), 1);
     assert!(!env.rows(Entity::Transactions).contains_key("ORPHAN-1"));
@@ -693,10 +707,95 @@ fn records_held_for_a_staged_customer_are_stored_when_it_is_merged() {
         .commit_page(&batch(Entity::Transactions, deposit, false))
         .unwrap();
     assert_eq!(stats.held, 1, "the customer is not stored yet");
-    assert_eq!(store.merge_staged().unwrap(), 1);
+    assert_eq!(store.merge_staged().unwrap().stored, 1);
     let conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
     let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
     assert_eq!(count("SELECT count(*) FROM customers"), 1);
     assert_eq!(count("SELECT count(*) FROM transactions"), 1, "released");
     assert_eq!(count("SELECT count(*) FROM held"), 0);
+}
+
+#[test]
+fn a_backfills_records_without_their_customer_are_held_when_merged() {
+    // A backfill stages its records unchecked; the merge asks for their customers all at once
+    // and holds those without one, as a sync's page would have. A staged row that no longer
+    // validates (rules changed by an upgrade before the merge) goes to quarantine, not to the
+    // store.
+    use t360_connector::sink::{PageBatch, Progress, Valid};
+    use t360_connector::state::{Merged, Store};
+    use t360_connector::validate::validate;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let store = Store::open(&path).unwrap();
+    let batch = |entity: Entity, records: Vec<serde_json::Value>, staged: bool| PageBatch {
+        broker: "b".into(),
+        entity,
+        records: records
+            .iter()
+            .map(|r| Valid {
+                record: validate(entity, r).unwrap(),
+            })
+            .collect(),
+        rejects: vec![],
+        progress: Progress::None,
+        stage_records: staged,
+        keep_records: true,
+        hold_orphans: true,
+        fence: None,
+    };
+    let customer = |id: &str| {
+        json!({"customer_id": id, "signup_date": "2026-01-01T00:00:00Z", "affiliate_id": "IB1",
+               "last_modified_date": "2026-01-01T00:00:00Z"})
+    };
+    let deposit = |id: &str, customer: &str| {
+        json!({"transaction_id": id, "customer_id": customer, "transaction_type": "deposit",
+               "amount": "10.00", "currency": "USD", "transaction_date": "2026-01-01T00:00:00Z",
+               "status": "approved", "last_modified_date": "2026-01-01T00:00:00Z"})
+    };
+    store
+        .commit_page(&batch(Entity::Customers, vec![customer("KNOWN")], false))
+        .unwrap();
+    let stats = store
+        .commit_page(&batch(
+            Entity::Transactions,
+            vec![deposit("T1", "LATER"), deposit("T2", "KNOWN")],
+            true,
+        ))
+        .unwrap();
+    assert_eq!((stats.stored, stats.held), (2, 0), "decided at the merge");
+    assert_eq!(store.merge_staged().unwrap(), Merged { stored: 1, held: 1 });
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let keys = |sql: &str| -> Vec<String> {
+        let mut stmt = conn.prepare(sql).unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert_eq!(keys("SELECT transaction_id FROM transactions"), ["T2"]);
+    assert_eq!(keys("SELECT record_key FROM held"), ["T1"]);
+    assert!(keys("SELECT transaction_id FROM staged_transactions").is_empty());
+
+    conn.execute(
+        "INSERT INTO staged_transactions (broker, transaction_id, customer_id, transaction_type,
+             amount, currency, transaction_date, status)
+         VALUES ('b', 'T9', 'NOBODY', 'deposit', 'ten', 'USD', '2026-01-01T00:00:00Z', 'approved')",
+        [],
+    )
+    .unwrap();
+    assert_eq!(store.merge_staged().unwrap(), Merged::default());
+    assert_eq!(keys("SELECT record_key FROM quarantine"), ["T9"]);
+    assert!(keys("SELECT transaction_id FROM staged_transactions").is_empty());
+    assert_eq!(keys("SELECT transaction_id FROM transactions"), ["T2"]);
+
+    // The customer arrives: the held record is stored.
+    let stats = store
+        .commit_page(&batch(Entity::Customers, vec![customer("LATER")], false))
+        .unwrap();
+    assert_eq!(stats.released[Entity::Transactions as usize], 1);
+    assert_eq!(
+        keys("SELECT transaction_id FROM transactions ORDER BY 1"),
+        ["T1", "T2"]
+    );
 }

@@ -110,6 +110,22 @@ pub struct QuarantineFilter {
     pub key: Option<String>,
 }
 
+/// What a merge of staged backfill records did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Merged {
+    /// Rows upserted into the entity tables.
+    pub stored: usize,
+    /// Records held instead, their customer not being stored.
+    pub held: u64,
+}
+
+impl std::ops::AddAssign for Merged {
+    fn add_assign(&mut self, o: Self) {
+        self.stored += o.stored;
+        self.held += o.held;
+    }
+}
+
 /// The state database, whichever backend holds it.
 pub struct Store {
     backend: Backend,
@@ -177,10 +193,10 @@ impl Store {
 
     /// Merges staged backfill records into the entity tables (SQLite only; PostgreSQL upserts
     /// them as they come).
-    pub fn merge_staged(&self) -> Result<usize, StoreError> {
+    pub fn merge_staged(&self) -> Result<Merged, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.merge_staged(),
-            Backend::Postgres(_) => Ok(0),
+            Backend::Postgres(_) => Ok(Merged::default()),
         }
     }
 

@@ -15,8 +15,8 @@ use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::{
-    BackfillProgress, EntityStatus, QuarantineFilter, Quarantined, Reconciliation, StoreError,
-    schema,
+    BackfillProgress, EntityStatus, Merged, QuarantineFilter, Quarantined, Reconciliation,
+    StoreError, schema,
 };
 use crate::model::{Entity, Record};
 use crate::sink::{CommitStats, PageBatch, Progress, sqlite};
@@ -90,7 +90,7 @@ impl SqliteStore {
             let now = Timestamp::now().to_string();
             let mut stats = CommitStats::default();
             for reject in &batch.rejects {
-                quarantine(&tx, batch, reject, &now)?;
+                quarantine(&tx, &batch.broker, batch.entity, reject, &now)?;
                 stats.quarantined += 1;
             }
             // Quarantine and held rows are rare: when there are none, the per-record deletes
@@ -102,7 +102,12 @@ impl SqliteStore {
                 && any_row(&tx, ANY_HELD_OF_BROKER, params![broker])?;
             // Whether each parent customer of the page is stored, asked once for the page.
             // (A page's customers only change in a customers batch, which has no parents.)
-            let known: HashMap<&str, bool> = if batch.keep_records && batch.hold_orphans {
+            // A backfill's staged records are checked for their customer when merged, all at
+            // once in key order (`hold_staged_orphans`): asked here, page by page, each lookup
+            // read a random page of the customers' index, which outgrows the page cache.
+            let stage = batch.stage_records && batch.hold_orphans;
+            let check_parents = batch.keep_records && batch.hold_orphans && !stage;
+            let known: HashMap<&str, bool> = if check_parents {
                 let mut parents: Vec<&str> = batch
                     .records
                     .iter()
@@ -116,7 +121,7 @@ impl SqliteStore {
             } else {
                 HashMap::new()
             };
-            let mut writer = if batch.stage_records {
+            let mut writer = if stage {
                 sqlite::Writer::stage(&tx, batch.entity)?
             } else {
                 sqlite::Writer::upsert(&tx, batch.entity)?
@@ -132,7 +137,7 @@ impl SqliteStore {
                     continue;
                 }
                 let orphan = match valid.record.parent_customer() {
-                    Some(customer) if batch.hold_orphans => known.get(customer) != Some(&true),
+                    Some(customer) if check_parents => known.get(customer) != Some(&true),
                     _ => false,
                 };
                 if orphan {
@@ -152,10 +157,10 @@ impl SqliteStore {
             }
             drop(writer);
             save_progress(&tx, batch, &now)?;
-            // A long backfill merges as it goes, so that the staging table (and the sort a
-            // merge needs) stays bounded.
-            if batch.stage_records && sqlite::staged(&tx, batch.entity)? >= MERGE_AT {
-                merge_entity(&tx, batch.entity)?;
+            // A very long backfill merges as it goes, so that the staging table (and the
+            // sort a merge needs) stays bounded.
+            if stage && sqlite::staged(&tx, batch.entity)? >= MERGE_AT {
+                merge_entity(&tx, batch.entity, &now)?;
             }
             tx.commit()?;
             Ok(stats)
@@ -166,13 +171,14 @@ impl SqliteStore {
     /// transaction per entity, and stores the held records whose customer was among them.
     /// Idempotent; called at the end of a backfill and when the store is opened (a backfill
     /// that was stopped or killed leaves its committed records staged).
-    pub fn merge_staged(&self) -> Result<usize, StoreError> {
+    pub fn merge_staged(&self) -> Result<Merged, StoreError> {
         self.with(|conn| {
-            let mut merged = 0;
+            let mut merged = Merged::default();
+            let now = Timestamp::now().to_string();
             for entity in Entity::ALL {
                 let tx = conn.transaction()?;
                 if sqlite::staged(&tx, entity)? > 0 {
-                    merged += merge_entity(&tx, entity)?;
+                    merged += merge_entity(&tx, entity, &now)?;
                 }
                 tx.commit()?;
             }
@@ -568,15 +574,60 @@ const PAGE_SIZE: i64 = 16 * 1024;
 /// SQLite's page cache, KiB.
 const CACHE_KIB: i64 = 8 * 1024;
 
-/// Staged rows (of one entity) that make a backfill merge before its end.
-const MERGE_AT: u64 = 1_000_000;
+/// Staged rows (of one entity) that make a backfill merge before its end. Merging into rows
+/// already stored rewrites most of the table's pages (the new keys fall everywhere), so each
+/// merge of a long backfill costs more than the one before: with 1M, a 10M backfill ran at 0.6
+/// of a 1M one. 8M staged rows take about 1.2 GB, and the merge's sort as much again while it
+/// runs.
+const MERGE_AT: u64 = 8_000_000;
 
-fn merge_entity(tx: &Transaction, entity: Entity) -> rusqlite::Result<usize> {
-    let merged = sqlite::merge(tx, entity)?;
-    if entity == Entity::Customers && merged > 0 {
+/// Merges the staged rows of `entity`: those whose customer is not stored are held (or,
+/// should one no longer validate, quarantined), the rest upserted into the keyed table.
+fn merge_entity(tx: &Transaction, entity: Entity, now: &str) -> rusqlite::Result<Merged> {
+    let held = hold_staged_orphans(tx, entity, now)?;
+    let stored = sqlite::merge(tx, entity)?;
+    if entity == Entity::Customers && stored > 0 {
         release_all_held(tx)?;
     }
-    Ok(merged)
+    Ok(Merged { stored, held })
+}
+
+/// Moves the staged records of `entity` whose customer the store does not hold to `held`,
+/// as a page of a sync would have held them. Returns how many.
+fn hold_staged_orphans(tx: &Transaction, entity: Entity, now: &str) -> rusqlite::Result<u64> {
+    if entity == Entity::Customers {
+        return Ok(0);
+    }
+    let mut held = 0;
+    for (broker, customers) in sqlite::staged_missing_parents(tx, entity)? {
+        for (rowid, value) in sqlite::staged_rows_of(tx, entity, &broker, &customers)? {
+            // It was valid when staged; this build's rules may have changed since (an upgrade
+            // between staging and merge). Then it goes to quarantine, not unchecked to the store.
+            match validate::validate(entity, &value) {
+                Ok(record) => {
+                    hold(tx, &broker, &record, now)?;
+                    held += 1;
+                }
+                Err(reasons) => {
+                    let key = entity
+                        .key_fields()
+                        .iter()
+                        .map(|f| value.get(*f).and_then(|v| v.as_str()).unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join("|");
+                    let reject = crate::sink::Reject {
+                        key,
+                        raw: value.to_string(),
+                        reasons,
+                        stage: crate::sink::Stage::Validation,
+                    };
+                    quarantine(tx, &broker, entity, &reject, now)?;
+                }
+            }
+            sqlite::unstage(tx, entity, rowid)?;
+        }
+    }
+    Ok(held)
 }
 
 /// Stores every held record whose customer is now stored (after customers were merged).
@@ -607,7 +658,8 @@ fn any_row(tx: &Transaction, sql: &str, params: impl rusqlite::Params) -> rusqli
 
 fn quarantine(
     tx: &Transaction,
-    batch: &PageBatch,
+    broker: &str,
+    entity: Entity,
     reject: &crate::sink::Reject,
     now: &str,
 ) -> rusqlite::Result<()> {
@@ -620,8 +672,8 @@ fn quarantine(
             times_seen = quarantine.times_seen + 1, stage = excluded.stage",
     )?
     .execute(params![
-        batch.broker,
-        batch.entity.as_str(),
+        broker,
+        entity.as_str(),
         reject.key,
         reject.raw,
         reasons,
