@@ -307,12 +307,13 @@ fn statements(entity: Entity) -> Statements {
         ),
         // `WHERE true` keeps SQLite from reading ON CONFLICT as a join constraint. Within a
         // key, rowid order is the order staged: the newest-wins rule then decides as it would
-        // have record by record. The key before the broker: one broker's rows come out in
-        // the table's order all the same, and the sort settles most comparisons on the first
-        // column, which for the broker (the same in every row) it never could.
+        // have record by record. No broker in the order: one broker's rows come out in the
+        // table's order all the same (brokers interleaved, each in key order), and SQLite's
+        // sorter compares on the first column alone (cheaply) only when the sort carries
+        // fewer than 13 values — transactions' 2 terms and 10 columns do.
         merge: format!(
             "INSERT INTO {table} ({columns}) SELECT {columns} FROM staged_{table} WHERE true
-             ORDER BY {keys}, broker, rowid {on_conflict}",
+             ORDER BY {keys}, rowid {on_conflict}",
             keys = keys.join(", "),
         ),
         clear: format!("DELETE FROM staged_{table}"),
