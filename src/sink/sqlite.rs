@@ -173,15 +173,20 @@ pub fn customers_found(
     Ok(found)
 }
 
-/// Of the customers named by `entity`'s staged rows, those the store does not hold: per
-/// broker, sorted. A merge asks this once, in key order, so that the index of customers is
-/// read front to back once; asked page by page as records arrive, each lookup read a random
-/// page of an index that outgrows the page cache (at 2M customers, a read system call a
-/// record and a sixth of a 10M backfill's CPU).
-pub fn staged_missing_parents(
-    tx: &Transaction,
-    entity: Entity,
-) -> rusqlite::Result<Vec<(String, Vec<String>)>> {
+/// Notes, in the connection's temporary table `missing_customers`, the customers named by
+/// `entity`'s staged rows that the store does not hold; returns whether there are any. A
+/// merge asks this once, in key order, so that the index of customers is read front to back
+/// once; asked page by page as records arrive, each lookup read a random page of an index that
+/// outgrows the page cache (at 2M customers, a read system call a record and a sixth of a 10M
+/// backfill's CPU). A table, not a list in memory: a backfill of transactions into a store
+/// without customers has as many missing as it has rows.
+pub fn note_missing_parents(tx: &Transaction, entity: Entity) -> rusqlite::Result<bool> {
+    tx.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS missing_customers (
+             broker TEXT NOT NULL, customer_id TEXT NOT NULL, PRIMARY KEY (broker, customer_id)
+         ) WITHOUT ROWID;
+         DELETE FROM temp.missing_customers;",
+    )?;
     // The id before the broker: the broker is the same in most rows, and a sort comparison
     // settled on the first column is the cheap one. Made distinct here (`DISTINCT` has SQLite
     // build an index besides the sort).
@@ -193,62 +198,60 @@ pub fn staged_missing_parents(
         "SELECT EXISTS (SELECT 1 FROM customers AS c INDEXED BY customers_by_key
                         WHERE c.broker = ?1 AND c.customer_id = ?2)",
     )?;
-    let mut missing: Vec<(String, String)> = Vec::new();
-    let mut last: Option<(String, String)> = None;
+    let mut note = tx.prepare_cached(
+        "INSERT OR IGNORE INTO temp.missing_customers (broker, customer_id) VALUES (?1, ?2)",
+    )?;
+    let mut any = false;
+    let mut last: (String, String) = Default::default();
     let mut rows = parents.query([])?;
     while let Some(row) = rows.next()? {
         let id = row.get_ref(0)?.as_str().unwrap_or_default();
         let broker = row.get_ref(1)?.as_str().unwrap_or_default();
-        if last.as_ref().is_some_and(|(i, b)| i == id && b == broker) {
+        if last.0 == id && last.1 == broker {
             continue;
         }
-        let found: bool = exists.query_row(params![broker, id], |r| r.get(0))?;
-        let pair = (id.to_owned(), broker.to_owned());
-        if !found {
-            missing.push(pair.clone());
+        if !exists.query_row(params![broker, id], |r| r.get::<_, bool>(0))? {
+            note.execute(params![broker, id])?;
+            any = true;
         }
-        last = Some(pair);
+        id.clone_into(&mut last.0);
+        broker.clone_into(&mut last.1);
     }
-    // Grouped by broker, each list still in id order (the sort is stable).
-    missing.sort_by(|a, b| a.1.cmp(&b.1));
-    let mut grouped: Vec<(String, Vec<String>)> = Vec::new();
-    for (id, broker) in missing {
-        match grouped.last_mut() {
-            Some((b, ids)) if *b == broker => ids.push(id),
-            _ => grouped.push((broker, vec![id])),
-        }
-    }
-    Ok(grouped)
+    Ok(any)
 }
 
-/// The staged rows of `entity` and `broker` whose customer is one of `customers`, in the
-/// order staged: their rowid and the record (every stored column that is not NULL, as text,
-/// as validation reads it).
-pub fn staged_rows_of(
+/// Up to `limit` staged rows of `entity` after rowid `after` whose customer
+/// `note_missing_parents` noted as missing, in the order staged: rowid, broker and the record
+/// (every stored column that is not NULL, as text, as validation reads it).
+pub fn staged_orphans(
     tx: &Transaction,
     entity: Entity,
-    broker: &str,
-    customers: &[String],
-) -> rusqlite::Result<Vec<(i64, serde_json::Value)>> {
+    after: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<(i64, String, serde_json::Value)>> {
     let fields = entity.fields();
-    let list = serde_json::to_string(customers)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    let mut stmt = tx.prepare(&format!(
-        "SELECT rowid, {} FROM staged_{} WHERE broker = ?1
-             AND customer_id IN (SELECT value FROM json_each(?2)) ORDER BY rowid",
-        fields.join(", "),
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT s.rowid, s.broker, {} FROM staged_{} AS s
+         WHERE s.rowid > ?1 AND EXISTS (SELECT 1 FROM temp.missing_customers AS m
+                                        WHERE m.broker = s.broker AND m.customer_id = s.customer_id)
+         ORDER BY s.rowid LIMIT ?2",
+        fields
+            .iter()
+            .map(|f| format!("s.{f}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         entity.as_str()
     ))?;
-    let mut rows = stmt.query(params![broker, list])?;
+    let mut rows = stmt.query(params![after, limit as i64])?;
     let mut found = Vec::new();
     while let Some(row) = rows.next()? {
         let mut record = serde_json::Map::new();
         for (i, field) in fields.iter().enumerate() {
-            if let Some(text) = row.get::<_, Option<String>>(i + 1)? {
+            if let Some(text) = row.get::<_, Option<String>>(i + 2)? {
                 record.insert((*field).to_owned(), serde_json::Value::String(text));
             }
         }
-        found.push((row.get(0)?, serde_json::Value::Object(record)));
+        found.push((row.get(0)?, row.get(1)?, serde_json::Value::Object(record)));
     }
     Ok(found)
 }

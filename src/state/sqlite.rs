@@ -593,14 +593,20 @@ fn merge_entity(tx: &Transaction, entity: Entity, now: &str) -> rusqlite::Result
 }
 
 /// Moves the staged records of `entity` whose customer the store does not hold to `held`,
-/// as a page of a sync would have held them. Returns how many.
+/// as a page of a sync would have held them, a bounded number at a time. Returns how many.
 fn hold_staged_orphans(tx: &Transaction, entity: Entity, now: &str) -> rusqlite::Result<u64> {
-    if entity == Entity::Customers {
+    const CHUNK: usize = 1000;
+    if entity == Entity::Customers || !sqlite::note_missing_parents(tx, entity)? {
         return Ok(0);
     }
-    let mut held = 0;
-    for (broker, customers) in sqlite::staged_missing_parents(tx, entity)? {
-        for (rowid, value) in sqlite::staged_rows_of(tx, entity, &broker, &customers)? {
+    let (mut held, mut after) = (0, 0);
+    loop {
+        let orphans = sqlite::staged_orphans(tx, entity, after, CHUNK)?;
+        let Some((last, _, _)) = orphans.last() else {
+            return Ok(held);
+        };
+        after = *last;
+        for (rowid, broker, value) in orphans {
             // It was valid when staged; this build's rules may have changed since (an upgrade
             // between staging and merge). Then it goes to quarantine, not unchecked to the store.
             match validate::validate(entity, &value) {
@@ -627,7 +633,6 @@ fn hold_staged_orphans(tx: &Transaction, entity: Entity, now: &str) -> rusqlite:
             sqlite::unstage(tx, entity, rowid)?;
         }
     }
-    Ok(held)
 }
 
 /// Stores every held record whose customer is now stored (after customers were merged).
