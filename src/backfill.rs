@@ -45,6 +45,9 @@ pub async fn backfill(
     } else if lane.done_until > since {
         info!(broker = %plan.broker, %entity, resume_from = %lane.done_until, "Resuming backfill.");
     }
+    // Until this lane's records are merged (below), another process opening the store leaves
+    // them staged rather than merging under this backfill's feet.
+    let _staging = runner.store.staging().map_err(store_error)?;
     let slice = plan.sync.backfill_slice;
     let slices = |from: Timestamp, to: Timestamp| {
         let span = to.duration_since(from).as_secs_f64().max(0.0);

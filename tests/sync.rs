@@ -811,3 +811,55 @@ fn a_backfills_records_without_their_customer_are_held_when_merged() {
     );
     assert_eq!(keys("SELECT record_key FROM held").len(), 2500);
 }
+
+#[test]
+fn opening_the_store_leaves_a_running_backfills_staged_records_to_it() {
+    // A `status` while a backfill runs must not merge under its feet (the merge holds the
+    // write lock for as long as it takes, and the backfill's next commit would time out);
+    // once no backfill runs, opening the store merges what was left staged.
+    use t360_connector::sink::{PageBatch, Progress, Valid};
+    use t360_connector::state::Store;
+    use t360_connector::validate::validate;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let count = |table: &str| -> i64 {
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    };
+    let backfill = Store::open(&path).unwrap();
+    let staging = backfill
+        .staging()
+        .unwrap()
+        .expect("the SQLite store has a staging lock");
+    let customer = json!({"customer_id": "C1", "signup_date": "2026-01-01T00:00:00Z",
+                          "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"});
+    backfill
+        .commit_page(&PageBatch {
+            broker: "b".into(),
+            entity: Entity::Customers,
+            records: vec![Valid {
+                record: validate(Entity::Customers, &customer).unwrap(),
+            }],
+            rejects: vec![],
+            progress: Progress::None,
+            stage_records: true,
+            keep_records: true,
+            hold_orphans: true,
+            fence: None,
+        })
+        .unwrap();
+
+    drop(Store::open(&path).unwrap());
+    assert_eq!(count("staged_customers"), 1, "left to the running backfill");
+    assert_eq!(count("customers"), 0);
+
+    // The backfill stops without merging (as a killed one would): the next open merges.
+    drop(staging);
+    drop(backfill);
+    drop(Store::open(&path).unwrap());
+    assert_eq!(count("staged_customers"), 0);
+    assert_eq!(count("customers"), 1);
+}

@@ -35,7 +35,8 @@ pub struct PageBatch {
     /// keeps only quarantine and checkpoints locally).
     pub keep_records: bool,
     /// Whether records go to the staging table, to be merged in key order later (a
-    /// backfill's), instead of straight into the keyed table.
+    /// backfill's), instead of straight into the keyed table. Only with `hold_orphans`: the
+    /// merge decides which to hold.
     pub stage_records: bool,
     /// Whether records whose customer is not stored yet are held (only where the embedded
     /// store is the destination: the ingestion API judges references itself).

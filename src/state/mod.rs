@@ -18,6 +18,7 @@ use jiff::Timestamp;
 pub use lease::Fence;
 use postgres::PgStore;
 use sqlite::SqliteStore;
+pub use sqlite::StagingGuard;
 
 use crate::config::Settings;
 use crate::config::state::StatePlan;
@@ -48,6 +49,11 @@ pub enum StoreError {
         "{0} needs the sqlite state backend (not yet supported with state.backend = \"postgres\")"
     )]
     Unsupported(&'static str),
+    #[error("state database lock file {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A (broker, entity)'s checkpoint and latest runs, for `status`.
@@ -191,8 +197,18 @@ impl Store {
         on_backend!(self, s => s.commit_page(batch))
     }
 
-    /// Merges staged backfill records into the entity tables (SQLite only; PostgreSQL upserts
-    /// them as they come).
+    /// Marks this process as staging backfill records until the guard drops (SQLite only):
+    /// meanwhile, opening the store in another process leaves the staged records to this
+    /// backfill's own merge.
+    pub fn staging(&self) -> Result<Option<StagingGuard>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.staging().map(Some),
+            Backend::Postgres(_) => Ok(None),
+        }
+    }
+
+    /// Merges staged backfill records into the entity tables, holding those whose customer is
+    /// not stored (SQLite only; PostgreSQL upserts them as they come).
     pub fn merge_staged(&self) -> Result<Merged, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.merge_staged(),

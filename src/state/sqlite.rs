@@ -7,12 +7,14 @@
 //! committed one, and never leaves records without their checkpoint or the reverse.
 
 use std::collections::HashMap;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tracing::debug;
 
 use super::{
     BackfillProgress, EntityStatus, Merged, QuarantineFilter, Quarantined, Reconciliation,
@@ -63,8 +65,47 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             path: path.to_owned(),
         };
-        store.merge_staged()?;
+        // Records left staged by a backfill that was stopped or killed are merged now, unless
+        // a backfill is running (it holds the staging lock shared, and merges everything
+        // staged when it ends): a merge from here would hold the write lock for as long as it
+        // takes (minutes at millions of rows), and that backfill's next commit would give up
+        // after the busy timeout.
+        let lock = store.staging_lock()?;
+        match lock.try_lock() {
+            Ok(()) => {
+                store.merge_staged()?;
+            }
+            Err(TryLockError::WouldBlock) => {
+                debug!(path = %path.display(), "A backfill is staging records; it merges them itself.");
+            }
+            Err(TryLockError::Error(source)) => {
+                return Err(StoreError::Lock {
+                    path: staging_lock_path(path),
+                    source,
+                });
+            }
+        }
         Ok(store)
+    }
+
+    /// Holds the staging lock shared until the guard drops (`Store::staging`).
+    pub fn staging(&self) -> Result<StagingGuard, StoreError> {
+        let file = self.staging_lock()?;
+        file.lock_shared().map_err(|source| StoreError::Lock {
+            path: staging_lock_path(&self.path),
+            source,
+        })?;
+        Ok(StagingGuard(file))
+    }
+
+    fn staging_lock(&self) -> Result<File, StoreError> {
+        let path = staging_lock_path(&self.path);
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StoreError::Lock { path, source })
     }
 
     pub fn path(&self) -> &Path {
@@ -562,6 +603,18 @@ impl SqliteStore {
             )
         })
     }
+}
+
+/// Held (shared) by a process staging backfill records; the lock is released when it drops,
+/// or when the process dies, `kill -9` included.
+#[derive(Debug)]
+pub struct StagingGuard(#[allow(dead_code)] File);
+
+/// Beside the database: `t360-connector.db-staging.lock`.
+fn staging_lock_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-staging.lock");
+    PathBuf::from(name)
 }
 
 /// Bytes a page of a new state database. SQLite moves a page a system call (WAL appends,
