@@ -832,7 +832,6 @@ fn opening_the_store_leaves_a_running_backfills_staged_records_to_it() {
     let backfill = Store::open(&path).unwrap();
     let staging = backfill
         .staging()
-        .unwrap()
         .expect("the SQLite store has a staging lock");
     let customer = json!({"customer_id": "C1", "signup_date": "2026-01-01T00:00:00Z",
                           "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"});
@@ -862,4 +861,70 @@ fn opening_the_store_leaves_a_running_backfills_staged_records_to_it() {
     drop(Store::open(&path).unwrap());
     assert_eq!(count("staged_customers"), 0);
     assert_eq!(count("customers"), 1);
+}
+
+#[test]
+fn a_staged_older_version_never_displaces_a_newer_held_one() {
+    // A sync holds v2 of a transaction (its customer is not there yet); a backfill then stages
+    // v1, older, waiting for the same customer. When the customer arrives, v2 is what is
+    // stored: the older version must meet the newer in `held`, not delete it on the way.
+    use t360_connector::sink::{PageBatch, Progress, Valid};
+    use t360_connector::state::Store;
+    use t360_connector::validate::validate;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let store = Store::open(&path).unwrap();
+    let commit = |entity: Entity, record: serde_json::Value, staged: bool| {
+        store
+            .commit_page(&PageBatch {
+                broker: "b".into(),
+                entity,
+                records: vec![Valid {
+                    record: validate(entity, &record).unwrap(),
+                }],
+                rejects: vec![],
+                progress: Progress::None,
+                stage_records: staged,
+                keep_records: true,
+                hold_orphans: true,
+                fence: None,
+            })
+            .unwrap()
+    };
+    let deposit = |status: &str, at: &str| {
+        json!({"transaction_id": "T1", "customer_id": "LATER", "transaction_type": "deposit",
+               "amount": "10.00", "currency": "USD", "transaction_date": "2026-01-01T00:00:00Z",
+               "status": status, "last_modified_date": at})
+    };
+    assert_eq!(
+        commit(
+            Entity::Transactions,
+            deposit("approved", "2026-01-02T00:00:00Z"),
+            false
+        )
+        .held,
+        1
+    );
+    commit(
+        Entity::Transactions,
+        deposit("pending", "2026-01-01T00:00:00Z"),
+        true,
+    );
+    store.merge_staged().unwrap();
+    commit(
+        Entity::Customers,
+        json!({"customer_id": "LATER", "signup_date": "2026-01-01T00:00:00Z",
+               "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"}),
+        false,
+    );
+    let status: String = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT status FROM transactions WHERE transaction_id = 'T1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(status, "approved", "the older staged version won");
 }

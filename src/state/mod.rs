@@ -49,11 +49,6 @@ pub enum StoreError {
         "{0} needs the sqlite state backend (not yet supported with state.backend = \"postgres\")"
     )]
     Unsupported(&'static str),
-    #[error("state database lock file {path}: {source}")]
-    Lock {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 /// A (broker, entity)'s checkpoint and latest runs, for `status`.
@@ -200,10 +195,10 @@ impl Store {
     /// Marks this process as staging backfill records until the guard drops (SQLite only):
     /// meanwhile, opening the store in another process leaves the staged records to this
     /// backfill's own merge.
-    pub fn staging(&self) -> Result<Option<StagingGuard>, StoreError> {
+    pub fn staging(&self) -> Option<StagingGuard> {
         match &self.backend {
-            Backend::Sqlite(s) => s.staging().map(Some),
-            Backend::Postgres(_) => Ok(None),
+            Backend::Sqlite(s) => Some(s.staging()),
+            Backend::Postgres(_) => None,
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     BackfillProgress, EntityStatus, Merged, QuarantineFilter, Quarantined, Reconciliation,
@@ -70,42 +70,53 @@ impl SqliteStore {
         // staged when it ends): a merge from here would hold the write lock for as long as it
         // takes (minutes at millions of rows), and that backfill's next commit would give up
         // after the busy timeout.
-        let lock = store.staging_lock()?;
-        match lock.try_lock() {
-            Ok(()) => {
+        match store.staging_lock().map(|lock| (lock.try_lock(), lock)) {
+            Ok((Ok(()), _lock)) => {
                 store.merge_staged()?;
             }
-            Err(TryLockError::WouldBlock) => {
+            Ok((Err(TryLockError::WouldBlock), _)) => {
                 debug!(path = %path.display(), "A backfill is staging records; it merges them itself.");
             }
-            Err(TryLockError::Error(source)) => {
-                return Err(StoreError::Lock {
-                    path: staging_lock_path(path),
-                    source,
-                });
+            // No lock to be had (a file system without `flock`, say): the store still opens,
+            // and the staged records wait for a backfill's own merge.
+            Ok((Err(TryLockError::Error(e)), _)) | Err(e) => {
+                warn!(path = %staging_lock_path(path).display(), error = %e,
+                      "Cannot take the staging lock; staged records are not merged now.");
             }
         }
         Ok(store)
     }
 
-    /// Holds the staging lock shared until the guard drops (`Store::staging`).
-    pub fn staging(&self) -> Result<StagingGuard, StoreError> {
-        let file = self.staging_lock()?;
-        file.lock_shared().map_err(|source| StoreError::Lock {
-            path: staging_lock_path(&self.path),
-            source,
-        })?;
-        Ok(StagingGuard(file))
+    /// Holds the staging lock shared until the guard drops (`Store::staging`). Without a lock
+    /// to be had the backfill still runs (a `status` meanwhile may then merge under its feet,
+    /// as before the lock existed).
+    pub fn staging(&self) -> StagingGuard {
+        match self
+            .staging_lock()
+            .and_then(|file| file.lock_shared().map(|()| file))
+        {
+            Ok(file) => StagingGuard(Some(file)),
+            Err(e) => {
+                warn!(path = %staging_lock_path(&self.path).display(), error = %e,
+                      "Cannot take the staging lock.");
+                StagingGuard(None)
+            }
+        }
     }
 
-    fn staging_lock(&self) -> Result<File, StoreError> {
+    /// The lock file, created if missing. Opened read-only when it exists: `flock` needs no
+    /// write access, and a file created by another user (root running `status`) must not keep
+    /// the daemon's user out.
+    fn staging_lock(&self) -> std::io::Result<File> {
         let path = staging_lock_path(&self.path);
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| StoreError::Lock { path, source })
+        match File::open(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path),
+            opened => opened,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -145,9 +156,12 @@ impl SqliteStore {
             // (A page's customers only change in a customers batch, which has no parents.)
             // A backfill's staged records are checked for their customer when merged, all at
             // once in key order (`hold_staged_orphans`): asked here, page by page, each lookup
-            // read a random page of the customers' index, which outgrows the page cache.
+            // read a random page of the customers' index, which outgrows the page cache. Not
+            // when records of this broker and entity are held, though: a staged record
+            // replaces a held version of itself (`unhold` below) only if it is stored, and an
+            // older one waiting for the same customer must meet the newer in `hold()` instead.
             let stage = batch.stage_records && batch.hold_orphans;
-            let check_parents = batch.keep_records && batch.hold_orphans && !stage;
+            let check_parents = batch.keep_records && batch.hold_orphans && (!stage || any_held);
             let known: HashMap<&str, bool> = if check_parents {
                 let mut parents: Vec<&str> = batch
                     .records
@@ -608,7 +622,7 @@ impl SqliteStore {
 /// Held (shared) by a process staging backfill records; the lock is released when it drops,
 /// or when the process dies, `kill -9` included.
 #[derive(Debug)]
-pub struct StagingGuard(#[allow(dead_code)] File);
+pub struct StagingGuard(#[allow(dead_code)] Option<File>);
 
 /// Beside the database: `t360-connector.db-staging.lock`.
 fn staging_lock_path(db: &Path) -> PathBuf {
