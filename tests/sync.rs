@@ -675,24 +675,12 @@ fn older_versions_lose(staged: bool) {
 fn records_held_for_a_staged_customer_are_stored_when_it_is_merged() {
     // A sync's transaction arrives while its customer sits in a backfill's staging table: it
     // is held, and the merge that stores the customer releases it.
-    use t360_connector::sink::{PageBatch, Progress, Valid};
     use t360_connector::state::Store;
-    use t360_connector::validate::validate;
 
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("t.db")).unwrap();
-    let batch = |entity: Entity, record: serde_json::Value, staged: bool| PageBatch {
-        broker: "b".into(),
-        entity,
-        records: vec![Valid {
-            record: validate(entity, &record).unwrap(),
-        }],
-        rejects: vec![],
-        progress: Progress::None,
-        stage_records: staged,
-        keep_records: true,
-        hold_orphans: true,
-        fence: None,
+    let batch = |entity: Entity, record: serde_json::Value, staged: bool| {
+        page_of(entity, &[record], staged)
     };
     let customer = json!({"customer_id": "C1", "signup_date": "2026-01-01T00:00:00Z",
                           "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"});
@@ -721,28 +709,13 @@ fn a_backfills_records_without_their_customer_are_held_when_merged() {
     // and holds those without one, as a sync's page would have. A staged row that no longer
     // validates (rules changed by an upgrade before the merge) goes to quarantine, not to the
     // store.
-    use t360_connector::sink::{PageBatch, Progress, Valid};
     use t360_connector::state::{Merged, Store};
-    use t360_connector::validate::validate;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
     let store = Store::open(&path).unwrap();
-    let batch = |entity: Entity, records: Vec<serde_json::Value>, staged: bool| PageBatch {
-        broker: "b".into(),
-        entity,
-        records: records
-            .iter()
-            .map(|r| Valid {
-                record: validate(entity, r).unwrap(),
-            })
-            .collect(),
-        rejects: vec![],
-        progress: Progress::None,
-        stage_records: staged,
-        keep_records: true,
-        hold_orphans: true,
-        fence: None,
+    let batch = |entity: Entity, records: Vec<serde_json::Value>, staged: bool| {
+        page_of(entity, &records, staged)
     };
     let customer = |id: &str| {
         json!({"customer_id": id, "signup_date": "2026-01-01T00:00:00Z", "affiliate_id": "IB1",
@@ -817,9 +790,7 @@ fn opening_the_store_leaves_a_running_backfills_staged_records_to_it() {
     // A `status` while a backfill runs must not merge under its feet (the merge holds the
     // write lock for as long as it takes, and the backfill's next commit would time out);
     // once no backfill runs, opening the store merges what was left staged.
-    use t360_connector::sink::{PageBatch, Progress, Valid};
     use t360_connector::state::Store;
-    use t360_connector::validate::validate;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
@@ -836,19 +807,7 @@ fn opening_the_store_leaves_a_running_backfills_staged_records_to_it() {
     let customer = json!({"customer_id": "C1", "signup_date": "2026-01-01T00:00:00Z",
                           "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"});
     backfill
-        .commit_page(&PageBatch {
-            broker: "b".into(),
-            entity: Entity::Customers,
-            records: vec![Valid {
-                record: validate(Entity::Customers, &customer).unwrap(),
-            }],
-            rejects: vec![],
-            progress: Progress::None,
-            stage_records: true,
-            keep_records: true,
-            hold_orphans: true,
-            fence: None,
-        })
+        .commit_page(&page_of(Entity::Customers, &[customer], true))
         .unwrap();
 
     drop(Store::open(&path).unwrap());
@@ -868,28 +827,14 @@ fn a_staged_older_version_never_displaces_a_newer_held_one() {
     // A sync holds v2 of a transaction (its customer is not there yet); a backfill then stages
     // v1, older, waiting for the same customer. When the customer arrives, v2 is what is
     // stored: the older version must meet the newer in `held`, not delete it on the way.
-    use t360_connector::sink::{PageBatch, Progress, Valid};
     use t360_connector::state::Store;
-    use t360_connector::validate::validate;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
     let store = Store::open(&path).unwrap();
     let commit = |entity: Entity, record: serde_json::Value, staged: bool| {
         store
-            .commit_page(&PageBatch {
-                broker: "b".into(),
-                entity,
-                records: vec![Valid {
-                    record: validate(entity, &record).unwrap(),
-                }],
-                rejects: vec![],
-                progress: Progress::None,
-                stage_records: staged,
-                keep_records: true,
-                hold_orphans: true,
-                fence: None,
-            })
+            .commit_page(&page_of(entity, &[record], staged))
             .unwrap()
     };
     let deposit = |status: &str, at: &str| {
@@ -927,4 +872,30 @@ fn a_staged_older_version_never_displaces_a_newer_held_one() {
         )
         .unwrap();
     assert_eq!(status, "approved", "the older staged version won");
+}
+
+/// A page of broker `b`'s `records`, each valid, for the store to commit: staged as a
+/// backfill's, or not.
+fn page_of(
+    entity: Entity,
+    records: &[serde_json::Value],
+    staged: bool,
+) -> t360_connector::sink::PageBatch {
+    use t360_connector::sink::{PageBatch, Progress, Valid};
+    PageBatch {
+        broker: "b".into(),
+        entity,
+        records: records
+            .iter()
+            .map(|r| Valid {
+                record: t360_connector::validate::validate(entity, r).unwrap(),
+            })
+            .collect(),
+        rejects: vec![],
+        progress: Progress::None,
+        stage_records: staged,
+        keep_records: true,
+        hold_orphans: true,
+        fence: None,
+    }
 }
