@@ -11,7 +11,9 @@
 
 use std::sync::LazyLock;
 
+use jiff::{Timestamp, civil::Date};
 use rusqlite::{CachedStatement, Transaction, params};
+use rust_decimal::Decimal;
 
 use crate::model::{Entity, Record};
 
@@ -109,20 +111,61 @@ impl<'c> Writer<'c> {
     }
 
     /// Binds the next parameter as `value`'s text (instants as RFC 3339, decimals exactly).
-    fn bind_shown(
-        &mut self,
-        at: &mut usize,
-        value: Option<impl std::fmt::Display>,
-    ) -> rusqlite::Result<()> {
-        use std::fmt::Write;
+    fn bind_shown(&mut self, at: &mut usize, value: Option<impl Shown>) -> rusqlite::Result<()> {
         *at += 1;
         match value {
             Some(value) => {
                 self.text.clear();
-                let _ = write!(self.text, "{value}");
+                value.show(&mut self.text);
                 self.stmt.raw_bind_parameter(*at, self.text.as_str())
             }
             None => self.stmt.raw_bind_parameter(*at, rusqlite::types::Null),
+        }
+    }
+}
+
+/// A value the store keeps as text: its `Display` text, which is what every row written so far
+/// holds and what reads parse back.
+trait Shown {
+    fn show(self, out: &mut String);
+}
+
+impl Shown for Timestamp {
+    fn show(self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = write!(out, "{self}");
+    }
+}
+
+impl Shown for Date {
+    fn show(self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = write!(out, "{self}");
+    }
+}
+
+impl Shown for Decimal {
+    /// The text `Display` prints (sign, every digit of the mantissa, the point `scale` digits
+    /// from the right), written from the mantissa directly: through the formatter, a decimal
+    /// cost about 600 instructions, and a backfill writes three for each record on average.
+    fn show(self, out: &mut String) {
+        let mut buffer = itoa::Buffer::new();
+        let digits = buffer.format(self.mantissa().unsigned_abs());
+        let scale = self.scale() as usize;
+        if self.is_sign_negative() {
+            out.push('-');
+        }
+        if digits.len() > scale {
+            let (whole, fraction) = digits.split_at(digits.len() - scale);
+            out.push_str(whole);
+            if scale > 0 {
+                out.push('.');
+                out.push_str(fraction);
+            }
+        } else {
+            out.push_str("0.");
+            out.extend(std::iter::repeat_n('0', scale - digits.len()));
+            out.push_str(digits);
         }
     }
 }
@@ -326,5 +369,43 @@ fn statements(entity: Entity) -> Statements {
             "SELECT coalesce((SELECT max(rowid) FROM staged_{table})
                  - (SELECT min(rowid) FROM staged_{table}) + 1, 0)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The store's decimal text must stay `Display`'s, byte for byte: rows written before and
+    /// after compare equal, and reconciliation compares texts.
+    #[test]
+    fn a_decimal_is_shown_as_display_prints_it() {
+        let mut cases: Vec<Decimal> = [
+            "0", "-0", "0.00", "-0.00", "1", "-1", "0.5", "-0.005", "10", "100.10", "123.456",
+            "0.0000000000000000000000000001", "-0.0000000000000000000000000001",
+            "79228162514264337593543950335", "-79228162514264337593543950335",
+            "7.9228162514264337593543950335", "18446744073709551615", "18446744073709551616",
+            "1e-3", "1.5e2", "-2.50E+1",
+        ]
+        .iter()
+        .map(|text| {
+            Decimal::from_str_exact(text)
+                .or_else(|_| Decimal::from_scientific(text))
+                .unwrap()
+        })
+        .collect();
+        // Every scale of a few mantissas, both signs.
+        for mantissa in [0_i128, 1, 9, 10, 12345, 99_999_999_999, i64::MAX as i128, 1 << 95] {
+            for scale in 0..=28 {
+                for sign in [1, -1] {
+                    cases.push(Decimal::from_i128_with_scale(sign * mantissa, scale));
+                }
+            }
+        }
+        for decimal in cases {
+            let mut shown = String::from("x");
+            decimal.show(&mut shown);
+            assert_eq!(shown, format!("x{decimal}"), "{decimal:?}");
+        }
     }
 }
