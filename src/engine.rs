@@ -232,31 +232,57 @@ impl Runner<'_> {
             entity,
             source,
         };
+        // Three stages, each on its own thread where it can: `produce` fetches page N+2 and
+        // parses its JSON (here), while page N+1 is normalised and validated on a blocking
+        // thread and page N commits on SQLite's. A page is CPU work in each stage, and
+        // one thread doing the first two in turn was a backfill's bottleneck.
+        //
         // One page of look-ahead: a page is committed once we know whether it is the last,
         // so that the last page's records and the checkpoint share one transaction. The page
         // is delivered (a remote sink posts it) while the next one is fetched.
         //
-        // Two halves joined in this task: `fetch` reads, validates and delivers pages and hands
-        // them to `commit` through a channel of one, so that page N commits (on SQLite's
-        // thread) while page N+1 is fetched and validated. Commits stay in page order, each
-        // after the one before it; at most one page commits, one waits and one is in flight.
+        // `fetch` takes prepared pages in order, delivers them and hands them to `commit`
+        // through a channel of one. Commits stay in page order, each after the one before it.
+        let (ready_tx, mut ready) = tokio::sync::mpsc::channel::<Prepared>(1);
+        let produce = async move {
+            loop {
+                let next = match self.next_page(&mut pager).await {
+                    Ok(Some(page)) => {
+                        let pulled = page.records.len();
+                        let mapping = Arc::clone(&self.plan.mapping);
+                        let origin = page.origin;
+                        let records = page.records;
+                        let checked =
+                            tokio::task::spawn_blocking(move || prepare(entity, records, &mapping));
+                        Ok(Some((checked, origin, pulled)))
+                    }
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                };
+                let last = !matches!(next, Ok(Some(_)));
+                // `fetch` gone (it failed or stopped): nothing more is wanted.
+                if ready_tx.send(next).await.is_err() || last {
+                    return;
+                }
+            }
+        };
         let (handoff, mut handed) = tokio::sync::mpsc::channel::<(PageBatch, usize)>(1);
         let gather = self.sink.batch_records();
         let fetch = async move {
-            let mut current = self.next_page(&mut pager).await.map_err(source_error)?;
-            while let Some(page) = current {
-                let mut pulled = page.records.len();
-                let mut batch = self.batch(entity, page, &self.plan.mapping);
+            let mut current = self
+                .next_ready(entity, &mut ready)
+                .await
+                .map_err(source_error)?;
+            while let Some((mut batch, mut pulled)) = current {
                 batch.stage_records = !live;
                 // Pages joined up to the sink's batch size (the Track360 API takes 1000
                 // records a request, a broker serves 500 a page); the window may end, or the
                 // broker fail, on the way.
-                let mut early: Option<Result<Option<Page>, SourceError>> = None;
+                let mut early: Option<Result<Option<(PageBatch, usize)>, SourceError>> = None;
                 while early.is_none() && batch.records.len() + batch.rejects.len() < gather {
-                    match self.next_page(&mut pager).await {
-                        Ok(Some(more)) => {
-                            pulled += more.records.len();
-                            let extra = self.batch(entity, more, &self.plan.mapping);
+                    match self.next_ready(entity, &mut ready).await {
+                        Ok(Some((extra, more))) => {
+                            pulled += more;
                             batch.records.extend(extra.records);
                             batch.rejects.extend(extra.rejects);
                         }
@@ -268,9 +294,10 @@ impl Runner<'_> {
                     // delivered newer versions) or committed.
                     (_, Err(lost)) => (Ok(()), Err(lost)),
                     (Some(next), Ok(())) => (self.sink.deliver(&mut batch).await, next),
-                    (None, Ok(())) => {
-                        tokio::join!(self.sink.deliver(&mut batch), self.next_page(&mut pager))
-                    }
+                    (None, Ok(())) => tokio::join!(
+                        self.sink.deliver(&mut batch),
+                        self.next_ready(entity, &mut ready)
+                    ),
                 };
                 // Undelivered: nothing of this page is committed and the cursor stays.
                 delivered.map_err(|source| EngineError::Sink {
@@ -313,6 +340,15 @@ impl Runner<'_> {
                 }
             }
             Ok(())
+        };
+        // Once `fetch` is done (the window read, or a failure, or a stop), a page `produce`
+        // is still fetching is not wanted: dropping it drops the request where it stands.
+        let fetch = async move {
+            tokio::pin!(fetch);
+            tokio::select! {
+                done = &mut fetch => done,
+                () = produce => fetch.await,
+            }
         };
         // `move`: a failed commit drops the receiver, which ends `fetch` at its next send
         // instead of leaving it waiting on a full channel.
@@ -404,6 +440,26 @@ impl Runner<'_> {
         }
     }
 
+    /// The next page `produce` fetched, normalised and validated (`None` after the window's
+    /// last), or the error that ended the fetching.
+    async fn next_ready(
+        &self,
+        entity: Entity,
+        ready: &mut tokio::sync::mpsc::Receiver<Prepared>,
+    ) -> Result<Option<(PageBatch, usize)>, SourceError> {
+        let Some((checked, origin, pulled)) = ready.recv().await.transpose()?.flatten() else {
+            return Ok(None);
+        };
+        // A panic in validation is a bug: it stays one, here, as it would have been inline.
+        let (records, rejects) = checked
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        Ok(Some((
+            self.assemble(entity, records, rejects, &origin),
+            pulled,
+        )))
+    }
+
     /// Whether the run may still ask the broker for a page: without a lease, always.
     fn lease_held(&self) -> Result<(), SourceError> {
         match &self.lease {
@@ -416,14 +472,25 @@ impl Runner<'_> {
 
     /// A page, normalised and validated, ready for the sink (progress decided later).
     fn batch(&self, entity: Entity, page: Page, mapping: &Mapping) -> PageBatch {
-        let (records, rejects) = self.prepare(entity, page.records, mapping);
+        let (records, rejects) = prepare(entity, page.records, mapping);
+        self.assemble(entity, records, rejects, &page.origin)
+    }
+
+    /// A page's valid records and rejects as a batch for the sink; says what was quarantined.
+    fn assemble(
+        &self,
+        entity: Entity,
+        records: Vec<Valid>,
+        rejects: Vec<Reject>,
+        origin: &str,
+    ) -> PageBatch {
         if let Some(first) = rejects.first() {
             // One line per page; `t360-connector quarantine list` shows every record and reason.
             warn!(
                 count = rejects.len(),
                 first_key = %first.key,
                 first_reasons = ?first.reasons,
-                origin = %page.origin,
+                origin = %origin,
                 "Records quarantined."
             );
         }
@@ -462,24 +529,6 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// Normalises and validates a page: valid records and rejects with every reason.
-    fn prepare(
-        &self,
-        entity: Entity,
-        raw: Vec<RawRecord>,
-        mapping: &Mapping,
-    ) -> (Vec<Valid>, Vec<Reject>) {
-        let mut valid = Vec::with_capacity(raw.len());
-        let mut rejects = Vec::new();
-        for original in raw {
-            match check(entity, original, mapping) {
-                Ok(v) => valid.push(v),
-                Err(r) => rejects.push(r),
-            }
-        }
-        (valid, rejects)
-    }
-
     fn store_error(&self, entity: Entity, source: StoreError) -> EngineError {
         EngineError::Store {
             broker: self.plan.broker.clone(),
@@ -487,6 +536,30 @@ impl Runner<'_> {
             source,
         }
     }
+}
+
+/// A page `produce` fetched, its normalisation and validation under way (on a blocking
+/// thread), with where it came from and how many records it had; `None` after the last.
+type Prepared = Result<
+    Option<(
+        tokio::task::JoinHandle<(Vec<Valid>, Vec<Reject>)>,
+        String,
+        usize,
+    )>,
+    SourceError,
+>;
+
+/// Normalises and validates a page: valid records and rejects with every reason.
+fn prepare(entity: Entity, raw: Vec<RawRecord>, mapping: &Mapping) -> (Vec<Valid>, Vec<Reject>) {
+    let mut valid = Vec::with_capacity(raw.len());
+    let mut rejects = Vec::new();
+    for original in raw {
+        match check(entity, original, mapping) {
+            Ok(v) => valid.push(v),
+            Err(r) => rejects.push(r),
+        }
+    }
+    (valid, rejects)
 }
 
 /// One broker record through the pipeline's pure part: field mapping, validation and the

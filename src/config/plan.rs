@@ -2,6 +2,7 @@
 //! the raw files; nothing after this step re-parses a string or re-reads a file.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::tz::TimeZone;
@@ -127,7 +128,8 @@ pub struct ConnectorPlan {
     pub entities: Vec<Entity>,
     pub zone: TimeZone,
     pub source: SourcePlan,
-    pub mapping: Mapping,
+    /// Shared with the threads that normalise and validate pages (`engine`).
+    pub mapping: Arc<Mapping>,
     pub sync: SyncPlan,
     /// When each entity syncs, in `Entity::ALL` order.
     pub schedules: [Schedule; 3],
@@ -477,7 +479,7 @@ pub(super) fn connector_plan(
         entities,
         zone,
         source: source?,
-        mapping: mapping?,
+        mapping: Arc::new(mapping?),
         sync: sync?,
         schedules: schedules?,
         fingerprint: 0,
