@@ -5,6 +5,7 @@
 //! checkpoint in one transaction: exactly once. A remote sink (the Track360 ingestion API)
 //! plugs in behind the same trait: deliver, await the acknowledgement, then commit progress.
 
+mod borrowing;
 pub mod sqlite;
 pub mod track360;
 

@@ -9,26 +9,31 @@
 //! merge rather than once per record. Either way the same upsert applies, with the same
 //! newest-wins rule.
 
+use std::ops::Range;
 use std::sync::LazyLock;
 
 use jiff::{Timestamp, civil::Date};
-use rusqlite::{CachedStatement, Transaction, params};
+use rusqlite::{Transaction, params};
 use rust_decimal::Decimal;
 
 use crate::model::{Entity, Record};
+use crate::sink::borrowing::BorrowingStatement;
 
 /// Inserts or updates `record` on its natural key. Idempotent: the same record twice is one row.
+/// For one record at a time (a page goes through a `Writer`): the statement is cached.
 pub fn upsert(tx: &Transaction, broker: &str, record: &Record) -> rusqlite::Result<()> {
-    Writer::upsert(tx, record.entity())?.write(broker, record)
+    let mut text = String::new();
+    let (values, n) = columns(broker, record, &mut text);
+    tx.prepare_cached(&SQL[record.entity() as usize].upsert)?
+        .execute(rusqlite::params_from_iter(&values[..n]))
+        .map(drop)
 }
 
-/// One entity's write statement, prepared once and bound record by record: a page's records
-/// go through one `Writer` (looking the statement up in the cache for each record, and
-/// putting it back, cost more than binding it).
+/// One entity's write statement for a page's records, prepared once and run record by record
+/// with the records' texts bound in place (`BorrowingStatement`).
 pub struct Writer<'c> {
-    stmt: CachedStatement<'c>,
-    /// Instants and decimals are printed here: SQLite copies bound text, so one buffer serves
-    /// every parameter.
+    stmt: BorrowingStatement<'c>,
+    /// A record's instants and decimals, printed here and bound from here.
     text: String,
 }
 
@@ -46,82 +51,116 @@ impl<'c> Writer<'c> {
 
     fn new(tx: &'c Transaction, sql: &str) -> rusqlite::Result<Writer<'c>> {
         Ok(Writer {
-            stmt: tx.prepare_cached(sql)?,
+            stmt: BorrowingStatement::prepare(tx, sql)?,
             text: String::new(),
         })
     }
 
-    /// Binds `record` (of the writer's entity) after `broker`, in the entity's field order, and
-    /// runs the statement.
+    /// Runs the statement for `record`, which is of the writer's entity.
     pub fn write(&mut self, broker: &str, record: &Record) -> rusqlite::Result<()> {
-        let mut at = 0;
-        self.bind(&mut at, broker)?;
-        match record {
-            Record::Customer(c) => {
-                self.bind(&mut at, &c.customer_id)?;
-                self.bind_shown(&mut at, Some(c.signup_date))?;
-                self.bind_shown(&mut at, c.last_modified_date)?;
-                self.bind(&mut at, &c.affiliate_id)?;
-                for text in [
-                    &c.campaign_id,
-                    &c.click_id,
-                    &c.lang_id,
-                    &c.country_code,
-                    &c.kyc_status_id,
-                    &c.sales_status_id,
-                    &c.trading_account_type,
-                    &c.leverage,
-                    &c.first_name,
-                    &c.last_name,
-                    &c.email,
-                ] {
-                    self.bind(&mut at, text)?;
-                }
-            }
-            Record::Transaction(t) => {
-                self.bind(&mut at, &t.transaction_id)?;
-                self.bind(&mut at, &t.customer_id)?;
-                self.bind(&mut at, t.transaction_type.as_str())?;
-                self.bind_shown(&mut at, Some(t.amount))?;
-                self.bind(&mut at, &t.currency)?;
-                self.bind_shown(&mut at, Some(t.transaction_date))?;
-                self.bind(&mut at, &t.status)?;
-                self.bind_shown(&mut at, t.last_modified_date)?;
-            }
-            Record::TradingActivity(a) => {
-                self.bind_shown(&mut at, Some(a.date))?;
-                self.bind(&mut at, &a.customer_id)?;
-                self.bind(&mut at, &a.instrument)?;
-                self.bind_shown(&mut at, Some(a.lots_traded))?;
-                for decimal in [a.volume_usd, a.spread_cost, a.commission, a.pnl] {
-                    self.bind_shown(&mut at, decimal)?;
-                }
-                self.bind(&mut at, &a.currency)?;
-                self.bind_shown(&mut at, a.last_modified_date)?;
-            }
-        }
-        debug_assert_eq!(at, self.stmt.parameter_count());
-        self.stmt.raw_execute().map(drop)
+        let (values, n) = columns(broker, record, &mut self.text);
+        self.stmt.execute(&values[..n])
     }
+}
 
-    /// Binds the next parameter (every one is bound for every record: bindings outlive a run).
-    fn bind(&mut self, at: &mut usize, value: impl rusqlite::ToSql) -> rusqlite::Result<()> {
-        *at += 1;
-        self.stmt.raw_bind_parameter(*at, value)
-    }
+/// The most columns a table has (customers: the broker and 15 fields).
+const MAX_COLUMNS: usize = 16;
 
-    /// Binds the next parameter as `value`'s text (instants as RFC 3339, decimals exactly).
-    fn bind_shown(&mut self, at: &mut usize, value: Option<impl Shown>) -> rusqlite::Result<()> {
-        *at += 1;
-        match value {
-            Some(value) => {
-                self.text.clear();
-                value.show(&mut self.text);
-                self.stmt.raw_bind_parameter(*at, self.text.as_str())
-            }
-            None => self.stmt.raw_bind_parameter(*at, rusqlite::types::Null),
+/// `record`'s row as the statements bind it: `broker`, then the record's fields in the
+/// entity's order (`None` is NULL), and how many. Instants and decimals are printed into
+/// `text` first, one after the other, then borrowed from it.
+fn columns<'a>(
+    broker: &'a str,
+    record: &'a Record,
+    text: &'a mut String,
+) -> ([Option<&'a str>; MAX_COLUMNS], usize) {
+    let mut values = [None; MAX_COLUMNS];
+    let mut put = |row: &[Option<&'a str>]| {
+        values[..row.len()].copy_from_slice(row);
+        row.len()
+    };
+    text.clear();
+    let n = match record {
+        Record::Customer(c) => {
+            let signup = shown(text, Some(c.signup_date));
+            let modified = shown(text, c.last_modified_date);
+            let text = text.as_str();
+            put(&[
+                Some(broker),
+                Some(&c.customer_id),
+                part(text, signup),
+                part(text, modified),
+                Some(&c.affiliate_id),
+                c.campaign_id.as_deref(),
+                c.click_id.as_deref(),
+                c.lang_id.as_deref(),
+                c.country_code.as_deref(),
+                c.kyc_status_id.as_deref(),
+                c.sales_status_id.as_deref(),
+                c.trading_account_type.as_deref(),
+                c.leverage.as_deref(),
+                c.first_name.as_deref(),
+                c.last_name.as_deref(),
+                c.email.as_deref(),
+            ])
         }
-    }
+        Record::Transaction(t) => {
+            let amount = shown(text, Some(t.amount));
+            let date = shown(text, Some(t.transaction_date));
+            let modified = shown(text, t.last_modified_date);
+            let text = text.as_str();
+            put(&[
+                Some(broker),
+                Some(&t.transaction_id),
+                Some(&t.customer_id),
+                Some(t.transaction_type.as_str()),
+                part(text, amount),
+                Some(&t.currency),
+                part(text, date),
+                Some(&t.status),
+                part(text, modified),
+            ])
+        }
+        Record::TradingActivity(a) => {
+            let date = shown(text, Some(a.date));
+            let lots = shown(text, Some(a.lots_traded));
+            let volume = shown(text, a.volume_usd);
+            let spread = shown(text, a.spread_cost);
+            let commission = shown(text, a.commission);
+            let pnl = shown(text, a.pnl);
+            let modified = shown(text, a.last_modified_date);
+            let text = text.as_str();
+            put(&[
+                Some(broker),
+                part(text, date),
+                Some(&a.customer_id),
+                Some(&a.instrument),
+                part(text, lots),
+                part(text, volume),
+                part(text, spread),
+                part(text, commission),
+                part(text, pnl),
+                Some(&a.currency),
+                part(text, modified),
+            ])
+        }
+    };
+    debug_assert_eq!(n, record.entity().fields().len() + 1);
+    (values, n)
+}
+
+/// Appends `value`'s text to `text`; where it is there.
+fn shown(text: &mut String, value: Option<impl Shown>) -> Option<Range<usize>> {
+    value.map(|value| {
+        let start = text.len();
+        value.show(text);
+        start..text.len()
+    })
+}
+
+/// The part of `text` that `shown` wrote.
+fn part(text: &str, at: Option<Range<usize>>) -> Option<&str> {
+    at.and_then(|at| text.get(at))
 }
 
 /// A value the store keeps as text: its `Display` text, which is what every row written so far
