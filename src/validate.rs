@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::str::FromStr;
 
+use compact_str::CompactString;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use rust_decimal::Decimal;
@@ -182,7 +183,7 @@ impl FieldReader<'_, '_> {
     }
 
     /// The field's text: absent (and null, and, for optional fields, "") is `Some(None)`.
-    fn text(&mut self, field: &str, required: Required) -> Option<Option<String>> {
+    fn text(&mut self, field: &str, required: Required) -> Option<Option<CompactString>> {
         let fields = self.fields;
         let text = match fields.get(field) {
             None | Some(Leaf::Null) => None,
@@ -209,25 +210,31 @@ impl FieldReader<'_, '_> {
                 self.fail(field, "must not be empty")
             }
             Some(s) if s.is_empty() => Some(None),
-            text => Some(text.map(Cow::into_owned)),
+            // Most texts are short: kept inline, without an allocation (`CompactString`).
+            text => Some(text.map(CompactString::from)),
         }
     }
 
-    fn string(&mut self, field: &str) -> Option<String> {
+    fn string(&mut self, field: &str) -> Option<CompactString> {
         self.text(field, Required::No).flatten()
     }
 
-    fn required_string(&mut self, field: &str) -> Option<String> {
+    fn required_string(&mut self, field: &str) -> Option<CompactString> {
         self.text(field, Required::Yes).flatten()
     }
 
     /// An identifier: a required, non-empty string.
-    fn id(&mut self, field: &str) -> Option<String> {
+    fn id(&mut self, field: &str) -> Option<CompactString> {
         self.required_string(field)
     }
 
     /// An optional string that must satisfy `check` when present.
-    fn coded(&mut self, field: &str, expected: &str, check: fn(&str) -> bool) -> Option<String> {
+    fn coded(
+        &mut self,
+        field: &str,
+        expected: &str,
+        check: fn(&str) -> bool,
+    ) -> Option<CompactString> {
         let value = self.string(field)?;
         if check(&value) {
             Some(value)
@@ -239,7 +246,7 @@ impl FieldReader<'_, '_> {
         }
     }
 
-    fn currency(&mut self, field: &str) -> Option<String> {
+    fn currency(&mut self, field: &str) -> Option<CompactString> {
         let value = self.required_string(field)?;
         if is_currency(&value) {
             Some(value)

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use compact_str::CompactString;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use rust_decimal::Decimal;
@@ -133,21 +134,21 @@ impl FromStr for Entity {
 /// A trader account, attributed to an IB or affiliate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Customer {
-    pub customer_id: String,
+    pub customer_id: CompactString,
     pub signup_date: Timestamp,
     pub last_modified_date: Option<Timestamp>,
-    pub affiliate_id: String,
-    pub campaign_id: Option<String>,
-    pub click_id: Option<String>,
-    pub lang_id: Option<String>,
-    pub country_code: Option<String>,
-    pub kyc_status_id: Option<String>,
-    pub sales_status_id: Option<String>,
-    pub trading_account_type: Option<String>,
-    pub leverage: Option<String>,
-    pub first_name: Option<String>,
-    pub last_name: Option<String>,
-    pub email: Option<String>,
+    pub affiliate_id: CompactString,
+    pub campaign_id: Option<CompactString>,
+    pub click_id: Option<CompactString>,
+    pub lang_id: Option<CompactString>,
+    pub country_code: Option<CompactString>,
+    pub kyc_status_id: Option<CompactString>,
+    pub sales_status_id: Option<CompactString>,
+    pub trading_account_type: Option<CompactString>,
+    pub leverage: Option<CompactString>,
+    pub first_name: Option<CompactString>,
+    pub last_name: Option<CompactString>,
+    pub email: Option<CompactString>,
 }
 
 /// The kinds of money movement the guide names.
@@ -190,13 +191,13 @@ impl FromStr for TransactionType {
 /// A money movement on a trader account. Status changes re-send the same `transaction_id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transaction {
-    pub transaction_id: String,
-    pub customer_id: String,
+    pub transaction_id: CompactString,
+    pub customer_id: CompactString,
     pub transaction_type: TransactionType,
     pub amount: Decimal,
-    pub currency: String,
+    pub currency: CompactString,
     pub transaction_date: Timestamp,
-    pub status: String,
+    pub status: CompactString,
     pub last_modified_date: Option<Timestamp>,
 }
 
@@ -205,14 +206,14 @@ pub struct Transaction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TradingActivity {
     pub date: Date,
-    pub customer_id: String,
-    pub instrument: String,
+    pub customer_id: CompactString,
+    pub instrument: CompactString,
     pub lots_traded: Decimal,
     pub volume_usd: Option<Decimal>,
     pub spread_cost: Option<Decimal>,
     pub commission: Option<Decimal>,
     pub pnl: Option<Decimal>,
-    pub currency: String,
+    pub currency: CompactString,
     pub last_modified_date: Option<Timestamp>,
 }
 
@@ -236,8 +237,8 @@ impl Record {
     /// The natural key as one string (`|`-joined for composite keys).
     pub fn key(&self) -> String {
         match self {
-            Record::Customer(c) => c.customer_id.clone(),
-            Record::Transaction(t) => t.transaction_id.clone(),
+            Record::Customer(c) => c.customer_id.to_string(),
+            Record::Transaction(t) => t.transaction_id.to_string(),
             Record::TradingActivity(a) => {
                 format!(
                     "{}|{}|{}|{}",
@@ -254,42 +255,42 @@ impl Record {
         let d = |v: &Option<Decimal>| v.map(|d| d.to_string());
         match self {
             Record::Customer(c) => vec![
-                Some(c.customer_id.clone()),
+                Some(c.customer_id.to_string()),
                 Some(c.signup_date.to_string()),
                 t(&c.last_modified_date),
-                Some(c.affiliate_id.clone()),
-                c.campaign_id.clone(),
-                c.click_id.clone(),
-                c.lang_id.clone(),
-                c.country_code.clone(),
-                c.kyc_status_id.clone(),
-                c.sales_status_id.clone(),
-                c.trading_account_type.clone(),
-                c.leverage.clone(),
-                c.first_name.clone(),
-                c.last_name.clone(),
-                c.email.clone(),
+                Some(c.affiliate_id.to_string()),
+                c.campaign_id.as_deref().map(str::to_owned),
+                c.click_id.as_deref().map(str::to_owned),
+                c.lang_id.as_deref().map(str::to_owned),
+                c.country_code.as_deref().map(str::to_owned),
+                c.kyc_status_id.as_deref().map(str::to_owned),
+                c.sales_status_id.as_deref().map(str::to_owned),
+                c.trading_account_type.as_deref().map(str::to_owned),
+                c.leverage.as_deref().map(str::to_owned),
+                c.first_name.as_deref().map(str::to_owned),
+                c.last_name.as_deref().map(str::to_owned),
+                c.email.as_deref().map(str::to_owned),
             ],
             Record::Transaction(x) => vec![
-                Some(x.transaction_id.clone()),
-                Some(x.customer_id.clone()),
+                Some(x.transaction_id.to_string()),
+                Some(x.customer_id.to_string()),
                 Some(x.transaction_type.as_str().to_owned()),
                 Some(x.amount.to_string()),
-                Some(x.currency.clone()),
+                Some(x.currency.to_string()),
                 Some(x.transaction_date.to_string()),
-                Some(x.status.clone()),
+                Some(x.status.to_string()),
                 t(&x.last_modified_date),
             ],
             Record::TradingActivity(a) => vec![
                 Some(a.date.to_string()),
-                Some(a.customer_id.clone()),
-                Some(a.instrument.clone()),
+                Some(a.customer_id.to_string()),
+                Some(a.instrument.to_string()),
                 Some(a.lots_traded.to_string()),
                 d(&a.volume_usd),
                 d(&a.spread_cost),
                 d(&a.commission),
                 d(&a.pnl),
-                Some(a.currency.clone()),
+                Some(a.currency.to_string()),
                 t(&a.last_modified_date),
             ],
         }

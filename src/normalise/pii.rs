@@ -61,7 +61,7 @@ impl PiiPolicy {
             match action {
                 PiiAction::Keep => {}
                 PiiAction::Drop => *field = None,
-                PiiAction::Hash => *field = field.as_deref().map(|v| self.hash(v)),
+                PiiAction::Hash => *field = field.as_deref().map(|v| self.hash(v).into()),
             }
         }
     }

@@ -269,11 +269,12 @@ pub fn note_missing_parents(tx: &Transaction, entity: Entity) -> rusqlite::Resul
          ) WITHOUT ROWID;
          DELETE FROM temp.missing_customers;",
     )?;
-    // The id before the broker: the broker is the same in most rows, and a sort comparison
-    // settled on the first column is the cheap one. Made distinct here (`DISTINCT` has SQLite
-    // build an index besides the sort).
+    // Sorted on the id alone: SQLite's sorter settles a comparison on a sort's first term
+    // cheaply, and with a second term every tie (each customer's rows but one) is compared
+    // again in full. Made distinct here, row by row (`DISTINCT` has SQLite build an index
+    // besides the sort); the rare id of two brokers whose rows interleave is asked twice.
     let mut parents = tx.prepare(&format!(
-        "SELECT customer_id, broker FROM staged_{} ORDER BY customer_id, broker",
+        "SELECT customer_id, broker FROM staged_{} ORDER BY customer_id",
         entity.as_str()
     ))?;
     let mut exists = tx.prepare_cached(
