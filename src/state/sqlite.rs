@@ -176,41 +176,39 @@ impl SqliteStore {
             } else {
                 HashMap::new()
             };
-            let mut writer = if stage {
-                sqlite::Writer::stage(&tx, batch.entity)?
-            } else {
-                sqlite::Writer::upsert(&tx, batch.entity)?
-            };
-            for valid in &batch.records {
-                if any_quarantined {
-                    let key = valid.record.key();
-                    stats.unquarantined += unquarantine(&tx, &batch.broker, batch.entity, &key)?;
-                }
-                if !batch.keep_records {
-                    // Delivered elsewhere (the ingestion API acknowledged it).
+            sqlite::Writer::run(&tx, batch.entity, stage, |writer| {
+                for valid in &batch.records {
+                    if any_quarantined {
+                        let key = valid.record.key();
+                        stats.unquarantined +=
+                            unquarantine(&tx, &batch.broker, batch.entity, &key)?;
+                    }
+                    if !batch.keep_records {
+                        // Delivered elsewhere (the ingestion API acknowledged it).
+                        stats.stored += 1;
+                        continue;
+                    }
+                    let orphan = match valid.record.parent_customer() {
+                        Some(customer) if check_parents => known.get(customer) != Some(&true),
+                        _ => false,
+                    };
+                    if orphan {
+                        hold(&tx, &batch.broker, &valid.record, &now)?;
+                        any_held = true;
+                        stats.held += 1;
+                        continue;
+                    }
+                    writer.write(&batch.broker, &valid.record)?;
+                    if any_held {
+                        unhold(&tx, &batch.broker, batch.entity, &valid.record.key())?;
+                    }
                     stats.stored += 1;
-                    continue;
+                    if let (Record::Customer(c), true) = (&valid.record, any_held_for_customers) {
+                        release_held(&tx, &batch.broker, &c.customer_id, &mut stats.released)?;
+                    }
                 }
-                let orphan = match valid.record.parent_customer() {
-                    Some(customer) if check_parents => known.get(customer) != Some(&true),
-                    _ => false,
-                };
-                if orphan {
-                    hold(&tx, &batch.broker, &valid.record, &now)?;
-                    any_held = true;
-                    stats.held += 1;
-                    continue;
-                }
-                writer.write(&batch.broker, &valid.record)?;
-                if any_held {
-                    unhold(&tx, &batch.broker, batch.entity, &valid.record.key())?;
-                }
-                stats.stored += 1;
-                if let (Record::Customer(c), true) = (&valid.record, any_held_for_customers) {
-                    release_held(&tx, &batch.broker, &c.customer_id, &mut stats.released)?;
-                }
-            }
-            drop(writer);
+                Ok(())
+            })?;
             save_progress(&tx, batch, &now)?;
             // A very long backfill merges as it goes, so that the staging table (and the
             // sort a merge needs) stays bounded.
