@@ -447,13 +447,27 @@ impl Runner<'_> {
         entity: Entity,
         ready: &mut tokio::sync::mpsc::Receiver<Prepared>,
     ) -> Result<Option<(PageBatch, usize)>, SourceError> {
-        let Some((checked, origin, pulled)) = ready.recv().await.transpose()?.flatten() else {
+        // `produce` sends a last `Ok(None)` or an error before it ends: a channel closed
+        // without one must not read as the window's end (the cursor would move past pages
+        // never read).
+        let cut_short = |message: &str| SourceError::Query {
+            origin: self.plan.broker.clone(),
+            message: message.to_owned(),
+            retryable: false,
+        };
+        let Some(next) = ready.recv().await else {
+            return Err(cut_short("the page reader stopped before the window's end"));
+        };
+        let Some((checked, origin, pulled)) = next? else {
             return Ok(None);
         };
-        // A panic in validation is a bug: it stays one, here, as it would have been inline.
-        let (records, rejects) = checked
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let (records, rejects) = match checked.await {
+            Ok(checked) => checked,
+            // A panic in validation is a bug: it stays one, here, as it would have been inline.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down: the page was not checked, so it is not committed.
+            Err(_) => return Err(cut_short("validation of a page was cancelled")),
+        };
         Ok(Some((
             self.assemble(entity, records, rejects, &origin),
             pulled,
