@@ -593,65 +593,41 @@ fn an_older_version_never_replaces_a_newer_one_stored_or_held() {
 }
 
 fn older_versions_lose(staged: bool) {
-    use t360_connector::sink::{PageBatch, Progress, Valid};
     use t360_connector::state::Store;
-    use t360_connector::validate::validate;
 
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("t.db")).unwrap();
-    let version = |entity: Entity, record: serde_json::Value| Valid {
-        record: validate(entity, &record).unwrap(),
-    };
-    let deposit = |status: &str, at: &str| {
-        json!({"transaction_id": "T1", "customer_id": "LATER", "transaction_type": "deposit",
-               "amount": "10.00", "currency": "USD", "transaction_date": "2026-01-01T00:00:00Z",
-               "status": status, "last_modified_date": at})
-    };
-    let commit = |records: Vec<Valid>| {
+    let deposit = |status: &str, at: &str| deposit_json("T1", "LATER", status, at);
+    let commit = |entity: Entity, records: &[serde_json::Value]| {
         let stats = store
-            .commit_page(&PageBatch {
-                broker: "b".into(),
-                entity: records[0].record.entity(),
-                records,
-                rejects: vec![],
-                progress: Progress::None,
-                stage_records: staged,
-                keep_records: true,
-                hold_orphans: true,
-                fence: None,
-            })
+            .commit_page(&page_of(entity, records, staged))
             .unwrap();
         store.merge_staged().unwrap();
         stats
     };
     // Held (its customer is unknown): newer, then older.
-    commit(vec![version(
+    commit(
         Entity::Transactions,
-        deposit("approved", "2026-01-02T00:00:00Z"),
-    )]);
-    commit(vec![version(
+        &[deposit("approved", "2026-01-02T00:00:00Z")],
+    );
+    commit(
         Entity::Transactions,
-        deposit("pending", "2026-01-01T12:00:00Z"),
-    )]);
-    let customer = json!({"customer_id": "LATER", "signup_date": "2026-01-01T00:00:00Z",
-                          "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"});
-    let released = commit(vec![version(Entity::Customers, customer)]);
+        &[deposit("pending", "2026-01-01T12:00:00Z")],
+    );
+    let released = commit(Entity::Customers, &[customer_json("LATER")]);
     assert_eq!(released.released[Entity::Transactions as usize], 1);
     // Stored: older again, and within one page, newer then older.
-    commit(vec![version(
+    commit(
         Entity::Transactions,
-        deposit("pending", "2026-01-01T06:00:00Z"),
-    )]);
-    commit(vec![
-        version(
-            Entity::Transactions,
+        &[deposit("pending", "2026-01-01T06:00:00Z")],
+    );
+    commit(
+        Entity::Transactions,
+        &[
             deposit("approved", "2026-01-02T00:00:00Z"),
-        ),
-        version(
-            Entity::Transactions,
             deposit("rejected", "2026-01-01T18:00:00Z"),
-        ),
-    ]);
+        ],
+    );
 
     let conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
     let status: String = conn
@@ -679,20 +655,12 @@ fn records_held_for_a_staged_customer_are_stored_when_it_is_merged() {
 
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("t.db")).unwrap();
-    let batch = |entity: Entity, record: serde_json::Value, staged: bool| {
-        page_of(entity, &[record], staged)
-    };
-    let customer = json!({"customer_id": "C1", "signup_date": "2026-01-01T00:00:00Z",
-                          "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"});
-    let deposit = json!({"transaction_id": "T1", "customer_id": "C1", "transaction_type": "deposit",
-                         "amount": "10.00", "currency": "USD",
-                         "transaction_date": "2026-01-01T00:00:00Z", "status": "approved",
-                         "last_modified_date": "2026-01-01T00:00:00Z"});
     store
-        .commit_page(&batch(Entity::Customers, customer, true))
+        .commit_page(&page_of(Entity::Customers, &[customer_json("C1")], true))
         .unwrap();
+    let deposit = deposit_json("T1", "C1", "approved", "2026-01-01T00:00:00Z");
     let stats = store
-        .commit_page(&batch(Entity::Transactions, deposit, false))
+        .commit_page(&page_of(Entity::Transactions, &[deposit], false))
         .unwrap();
     assert_eq!(stats.held, 1, "the customer is not stored yet");
     assert_eq!(store.merge_staged().unwrap().stored, 1);
@@ -714,26 +682,20 @@ fn a_backfills_records_without_their_customer_are_held_when_merged() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
     let store = Store::open(&path).unwrap();
-    let batch = |entity: Entity, records: Vec<serde_json::Value>, staged: bool| {
-        page_of(entity, &records, staged)
-    };
-    let customer = |id: &str| {
-        json!({"customer_id": id, "signup_date": "2026-01-01T00:00:00Z", "affiliate_id": "IB1",
-               "last_modified_date": "2026-01-01T00:00:00Z"})
-    };
-    let deposit = |id: &str, customer: &str| {
-        json!({"transaction_id": id, "customer_id": customer, "transaction_type": "deposit",
-               "amount": "10.00", "currency": "USD", "transaction_date": "2026-01-01T00:00:00Z",
-               "status": "approved", "last_modified_date": "2026-01-01T00:00:00Z"})
-    };
+    let deposit =
+        |id: &str, customer: &str| deposit_json(id, customer, "approved", "2026-01-01T00:00:00Z");
     store
-        .commit_page(&batch(Entity::Customers, vec![customer("KNOWN")], false))
+        .commit_page(&page_of(
+            Entity::Customers,
+            &[customer_json("KNOWN")],
+            false,
+        ))
         .unwrap();
     // More orphans than the merge holds at a time, of fewer customers than orphans.
     let mut records = vec![deposit("T1", "LATER"), deposit("T2", "KNOWN")];
     records.extend((0..2500).map(|i| deposit(&format!("O{i}"), &format!("GONE-{}", i % 700))));
     let stats = store
-        .commit_page(&batch(Entity::Transactions, records, true))
+        .commit_page(&page_of(Entity::Transactions, &records, true))
         .unwrap();
     assert_eq!(
         (stats.stored, stats.held),
@@ -775,7 +737,11 @@ fn a_backfills_records_without_their_customer_are_held_when_merged() {
 
     // The customer arrives: the held record is stored.
     let stats = store
-        .commit_page(&batch(Entity::Customers, vec![customer("LATER")], false))
+        .commit_page(&page_of(
+            Entity::Customers,
+            &[customer_json("LATER")],
+            false,
+        ))
         .unwrap();
     assert_eq!(stats.released[Entity::Transactions as usize], 1);
     assert_eq!(
@@ -804,10 +770,8 @@ fn opening_the_store_leaves_a_running_backfills_staged_records_to_it() {
     let staging = backfill
         .staging()
         .expect("the SQLite store has a staging lock");
-    let customer = json!({"customer_id": "C1", "signup_date": "2026-01-01T00:00:00Z",
-                          "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"});
     backfill
-        .commit_page(&page_of(Entity::Customers, &[customer], true))
+        .commit_page(&page_of(Entity::Customers, &[customer_json("C1")], true))
         .unwrap();
 
     drop(Store::open(&path).unwrap());
@@ -837,11 +801,7 @@ fn a_staged_older_version_never_displaces_a_newer_held_one() {
             .commit_page(&page_of(entity, &[record], staged))
             .unwrap()
     };
-    let deposit = |status: &str, at: &str| {
-        json!({"transaction_id": "T1", "customer_id": "LATER", "transaction_type": "deposit",
-               "amount": "10.00", "currency": "USD", "transaction_date": "2026-01-01T00:00:00Z",
-               "status": status, "last_modified_date": at})
-    };
+    let deposit = |status: &str, at: &str| deposit_json("T1", "LATER", status, at);
     assert_eq!(
         commit(
             Entity::Transactions,
@@ -857,12 +817,7 @@ fn a_staged_older_version_never_displaces_a_newer_held_one() {
         true,
     );
     store.merge_staged().unwrap();
-    commit(
-        Entity::Customers,
-        json!({"customer_id": "LATER", "signup_date": "2026-01-01T00:00:00Z",
-               "affiliate_id": "IB1", "last_modified_date": "2026-01-01T00:00:00Z"}),
-        false,
-    );
+    commit(Entity::Customers, customer_json("LATER"), false);
     let status: String = rusqlite::Connection::open(&path)
         .unwrap()
         .query_row(
@@ -876,6 +831,19 @@ fn a_staged_older_version_never_displaces_a_newer_held_one() {
 
 /// A page of broker `b`'s `records`, each valid, for the store to commit: staged as a
 /// backfill's, or not.
+/// A valid customer as a broker sends it.
+fn customer_json(id: &str) -> serde_json::Value {
+    json!({"customer_id": id, "signup_date": "2026-01-01T00:00:00Z", "affiliate_id": "IB1",
+           "last_modified_date": "2026-01-01T00:00:00Z"})
+}
+
+/// A valid deposit of `customer`, with its status and when it was last modified.
+fn deposit_json(id: &str, customer: &str, status: &str, modified: &str) -> serde_json::Value {
+    json!({"transaction_id": id, "customer_id": customer, "transaction_type": "deposit",
+           "amount": "10.00", "currency": "USD", "transaction_date": "2026-01-01T00:00:00Z",
+           "status": status, "last_modified_date": modified})
+}
+
 fn page_of(
     entity: Entity,
     records: &[serde_json::Value],

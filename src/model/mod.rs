@@ -248,54 +248,6 @@ impl Record {
         }
     }
 
-    /// The record's columns as the store writes them (text; `None` is NULL), in
-    /// `Entity::fields` order.
-    pub fn column_texts(&self) -> Vec<Option<String>> {
-        let t = |v: &Option<Timestamp>| v.map(|t| t.to_string());
-        let d = |v: &Option<Decimal>| v.map(|d| d.to_string());
-        match self {
-            Record::Customer(c) => vec![
-                Some(c.customer_id.to_string()),
-                Some(c.signup_date.to_string()),
-                t(&c.last_modified_date),
-                Some(c.affiliate_id.to_string()),
-                c.campaign_id.as_deref().map(str::to_owned),
-                c.click_id.as_deref().map(str::to_owned),
-                c.lang_id.as_deref().map(str::to_owned),
-                c.country_code.as_deref().map(str::to_owned),
-                c.kyc_status_id.as_deref().map(str::to_owned),
-                c.sales_status_id.as_deref().map(str::to_owned),
-                c.trading_account_type.as_deref().map(str::to_owned),
-                c.leverage.as_deref().map(str::to_owned),
-                c.first_name.as_deref().map(str::to_owned),
-                c.last_name.as_deref().map(str::to_owned),
-                c.email.as_deref().map(str::to_owned),
-            ],
-            Record::Transaction(x) => vec![
-                Some(x.transaction_id.to_string()),
-                Some(x.customer_id.to_string()),
-                Some(x.transaction_type.as_str().to_owned()),
-                Some(x.amount.to_string()),
-                Some(x.currency.to_string()),
-                Some(x.transaction_date.to_string()),
-                Some(x.status.to_string()),
-                t(&x.last_modified_date),
-            ],
-            Record::TradingActivity(a) => vec![
-                Some(a.date.to_string()),
-                Some(a.customer_id.to_string()),
-                Some(a.instrument.to_string()),
-                Some(a.lots_traded.to_string()),
-                d(&a.volume_usd),
-                d(&a.spread_cost),
-                d(&a.commission),
-                d(&a.pnl),
-                Some(a.currency.to_string()),
-                t(&a.last_modified_date),
-            ],
-        }
-    }
-
     /// The customer this record belongs to, for records that need one to exist first.
     pub fn parent_customer(&self) -> Option<&str> {
         match self {

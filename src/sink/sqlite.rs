@@ -201,6 +201,17 @@ fn columns<'a>(
     (values, n)
 }
 
+/// `record`'s fields as the stores write them, in the entity's order (`None` is NULL), owned:
+/// what the PostgreSQL state binds.
+pub fn field_texts(record: &Record) -> Vec<Option<String>> {
+    let mut text = String::new();
+    let (row, n) = columns("", record, &mut text);
+    row[1..n]
+        .iter()
+        .map(|column| column.text(&text).map(str::to_owned))
+        .collect()
+}
+
 /// Appends `value`'s text to `text`: the column that stands for it.
 fn shown(text: &mut String, value: Option<impl Shown>) -> Column<'static> {
     Column::Printed(value.map(|value| {

@@ -1155,7 +1155,7 @@ async fn save_progress(conn: &mut PgConnection, batch: &PageBatch) -> Result<(),
 /// Upserts `record` with the embedded store's newest-wins rule.
 async fn upsert(conn: &mut PgConnection, broker: &str, record: &Record) -> Result<(), sqlx::Error> {
     let mut q = sqlx::query(AssertSqlSafe(UPSERT[record.entity() as usize].as_str())).bind(broker);
-    for value in record.column_texts() {
+    for value in crate::sink::sqlite::field_texts(record) {
         q = q.bind(value);
     }
     q.execute(conn).await?;
