@@ -315,50 +315,182 @@ pub fn customers_found(
 
 /// Notes, in the connection's temporary table `missing_customers`, the customers named by
 /// `entity`'s staged rows that the store does not hold; returns whether there are any. A
-/// merge asks this once, in key order, so that the index of customers is read front to back
-/// once; asked page by page as records arrive, each lookup read a random page of an index that
+/// merge asks this once, in key order, so that the index of customers is read front to back;
+/// asked page by page as records arrive, each lookup read a random page of an index that
 /// outgrows the page cache (at 2M customers, a read system call a record and a sixth of a 10M
 /// backfill's CPU). A table, not a list in memory: a backfill of transactions into a store
 /// without customers has as many missing as it has rows.
+///
+/// The staged rows are read in the order staged, `PARENT_CHUNK` at a time; each chunk's
+/// customers are sorted and made distinct here, then found by one walk along the index
+/// (`customers_missing`). Sorting every staged row with SQLite (`ORDER BY customer_id`) and
+/// looking each customer up with a statement of its own took twice the instructions: a tenth
+/// of a 100k backfill's.
 pub fn note_missing_parents(tx: &Transaction, entity: Entity) -> rusqlite::Result<bool> {
+    note_missing_parents_by(tx, entity, PARENT_CHUNK)
+}
+
+fn note_missing_parents_by(
+    tx: &Transaction,
+    entity: Entity,
+    chunk_rows: usize,
+) -> rusqlite::Result<bool> {
     tx.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS missing_customers (
              broker TEXT NOT NULL, customer_id TEXT NOT NULL, PRIMARY KEY (broker, customer_id)
          ) WITHOUT ROWID;
          DELETE FROM temp.missing_customers;",
     )?;
-    // Sorted on the id alone: SQLite's sorter settles a comparison on a sort's first term
-    // cheaply, and with a second term every tie (each customer's rows but one) is compared
-    // again in full. Made distinct here, row by row (`DISTINCT` has SQLite build an index
-    // besides the sort); the rare id of two brokers whose rows interleave is asked twice.
-    let mut parents = tx.prepare(&format!(
-        "SELECT customer_id, broker FROM staged_{} ORDER BY customer_id",
+    let mut staged = tx.prepare(&format!(
+        "SELECT customer_id, broker FROM staged_{}",
         entity.as_str()
     ))?;
-    let mut exists = tx.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM customers AS c INDEXED BY customers_by_key
-                        WHERE c.broker = ?1 AND c.customer_id = ?2)",
-    )?;
     let mut note = tx.prepare_cached(
         "INSERT OR IGNORE INTO temp.missing_customers (broker, customer_id) VALUES (?1, ?2)",
     )?;
     let mut any = false;
-    let mut last: (String, String) = Default::default();
-    let mut rows = parents.query([])?;
+    let mut chunk = ParentChunk::default();
+    let mut check = |chunk: &mut ParentChunk| -> rusqlite::Result<()> {
+        for (broker, ids) in chunk.sorted_distinct() {
+            customers_missing(tx, broker, &ids, |id| {
+                any = true;
+                note.execute(params![broker, id]).map(drop)
+            })?;
+        }
+        chunk.clear();
+        Ok(())
+    };
+    let mut rows = staged.query([])?;
     while let Some(row) = rows.next()? {
         let id = row.get_ref(0)?.as_str().unwrap_or_default();
         let broker = row.get_ref(1)?.as_str().unwrap_or_default();
-        if last.0 == id && last.1 == broker {
-            continue;
+        chunk.push(broker, id);
+        if chunk.len() == chunk_rows {
+            check(&mut chunk)?;
         }
-        if !exists.query_row(params![broker, id], |r| r.get::<_, bool>(0))? {
-            note.execute(params![broker, id])?;
-            any = true;
-        }
-        id.clone_into(&mut last.0);
-        broker.clone_into(&mut last.1);
     }
+    check(&mut chunk)?;
     Ok(any)
+}
+
+/// Staged rows whose customers `note_missing_parents` sorts at once: 24 bytes each besides
+/// the id's text (about 11 MB for 19-byte ids). Each chunk walks the index of customers once:
+/// the more rows a chunk, the closer together its ids lie in the index and the cheaper the
+/// walk (at 10M records, 2M customers, a walk steps over 8 rows an id).
+const PARENT_CHUNK: usize = 256 * 1024;
+
+/// Calls `missing` with each of `ids` (sorted and distinct) that the store holds no customer
+/// of `broker` under. One walk along the index of customers, from the first id on: a few rows
+/// stepped over cost less than a lookup each (about 5k instructions: a statement run and a
+/// descent of the index), but where the next id is far ahead the walk seeks to it instead.
+fn customers_missing(
+    tx: &Transaction,
+    broker: &str,
+    ids: &[&str],
+    mut missing: impl FnMut(&str) -> rusqlite::Result<()>,
+) -> rusqlite::Result<()> {
+    /// Rows stepped over, without reaching the next id, before the walk seeks to it.
+    const SEEK_AFTER: usize = 16;
+    let mut walk = tx.prepare_cached(
+        "SELECT c.customer_id FROM customers AS c INDEXED BY customers_by_key
+         WHERE c.broker = ?1 AND c.customer_id >= ?2 ORDER BY c.customer_id",
+    )?;
+    let mut next = 0;
+    while let Some(&from) = ids.get(next) {
+        let mut rows = walk.query(params![broker, from])?;
+        let mut stepped = 0;
+        while stepped < SEEK_AFTER {
+            let Some(row) = rows.next()? else {
+                // Past the broker's last customer: the rest are all missing.
+                return ids[next..].iter().try_for_each(|id| missing(id));
+            };
+            let held = row.get_ref(0)?.as_str()?;
+            stepped += 1;
+            while let Some(&id) = ids.get(next).filter(|id| **id <= held) {
+                if id < held {
+                    missing(id)?;
+                }
+                next += 1;
+                stepped = 0;
+            }
+            if next == ids.len() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Customer ids (with their broker) in one buffer, to be sorted as the index of customers is:
+/// 24 bytes a row besides the id's text. A comparison looks at an id's first 8 bytes as one
+/// number, and at the rest only when those are equal.
+#[derive(Default)]
+struct ParentChunk {
+    text: String,
+    brokers: Vec<String>,
+    keys: Vec<ParentKey>,
+}
+
+struct ParentKey {
+    /// The id's first 8 bytes, big-endian, zero-padded: ordered as the bytes are (a text
+    /// never holds a NUL, which validation refuses).
+    prefix: u64,
+    start: u32,
+    len: u32,
+    broker: u32,
+}
+
+impl ParentChunk {
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn push(&mut self, broker: &str, id: &str) {
+        let broker = match self.brokers.iter().position(|b| b == broker) {
+            Some(at) => at,
+            None => {
+                self.brokers.push(broker.to_owned());
+                self.brokers.len() - 1
+            }
+        };
+        let mut head = [0u8; 8];
+        let n = id.len().min(8);
+        head[..n].copy_from_slice(&id.as_bytes()[..n]);
+        self.keys.push(ParentKey {
+            prefix: u64::from_be_bytes(head),
+            start: self.text.len() as u32,
+            len: id.len() as u32,
+            broker: broker as u32,
+        });
+        self.text.push_str(id);
+    }
+
+    /// Each broker with its ids, each once and in order.
+    fn sorted_distinct(&mut self) -> Vec<(&str, Vec<&str>)> {
+        let text = self.text.as_str();
+        let id = |k: &ParentKey| &text[k.start as usize..k.start as usize + k.len as usize];
+        let order = |a: &ParentKey, b: &ParentKey| {
+            (a.broker, a.prefix)
+                .cmp(&(b.broker, b.prefix))
+                .then_with(|| id(a).cmp(id(b)))
+        };
+        self.keys.sort_unstable_by(order);
+        self.keys.dedup_by(|a, b| order(a, b).is_eq());
+        let mut brokers: Vec<(&str, Vec<&str>)> = Vec::new();
+        for key in &self.keys {
+            let broker = self.brokers[key.broker as usize].as_str();
+            match brokers.last_mut() {
+                Some((last, ids)) if *last == broker => ids.push(id(key)),
+                _ => brokers.push((broker, vec![id(key)])),
+            }
+        }
+        brokers
+    }
+
+    fn clear(&mut self) {
+        self.text.clear();
+        self.keys.clear();
+    }
 }
 
 /// Up to `limit` staged rows of `entity` after rowid `after` whose customer
@@ -507,6 +639,106 @@ mod tests {
             last_name: None,
             email: None,
         })
+    }
+
+    /// The walk along the index of customers finds every held id and names every other —
+    /// before the first, between, after the last, far ahead (where it seeks instead of
+    /// stepping), and of another broker — whichever way it gets there.
+    #[test]
+    fn the_walk_along_the_customers_names_exactly_the_missing() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        crate::state::schema::migrate(&mut conn).unwrap();
+        let tx = conn.transaction().unwrap();
+        let held: Vec<String> = (0..200).map(|i| format!("c{:04}", i * 2)).collect();
+        for id in &held {
+            upsert(&tx, "a", &customer(id, "aff")).unwrap();
+        }
+        upsert(&tx, "b", &customer("c0001", "aff")).unwrap();
+        // Every held id, every odd one (missing) now and then, and some beyond the last.
+        let mut asked: Vec<String> = (0..420).map(|i| format!("c{i:04}")).collect();
+        asked.retain(|id| {
+            let n: usize = id[1..].parse().unwrap();
+            n.is_multiple_of(2) || n % 7 == 1 || n > 398
+        });
+        asked.insert(0, "a-before-every-customer".into());
+        // Far ahead, past many held rows: found by seeking.
+        let asked_sparse = ["c0002", "c0300", "c0301", "c0398", "zzz"];
+        for ids in [
+            asked.iter().map(String::as_str).collect::<Vec<_>>(),
+            asked_sparse.to_vec(),
+        ] {
+            let mut named = Vec::new();
+            customers_missing(&tx, "a", &ids, |id| {
+                named.push(id.to_owned());
+                Ok(())
+            })
+            .unwrap();
+            let expected: Vec<&str> = ids
+                .iter()
+                .copied()
+                .filter(|id| !held.iter().any(|h| h == id))
+                .collect();
+            assert_eq!(named, expected);
+        }
+        // Another broker's customers are not this one's.
+        let mut named = Vec::new();
+        customers_missing(&tx, "b", &["c0000", "c0001", "c0002"], |id| {
+            named.push(id.to_owned());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(named, ["c0000", "c0002"]);
+    }
+
+    /// Staged rows are checked a chunk at a time: a customer missing in several chunks, or
+    /// twice in one, is noted once; held ones never; nothing missing says so.
+    #[test]
+    fn every_missing_parent_of_the_staged_rows_is_noted_once() {
+        use crate::model::{Transaction as Tx, TransactionType};
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        crate::state::schema::migrate(&mut conn).unwrap();
+        let tx = conn.transaction().unwrap();
+        upsert(&tx, "a", &customer("held", "aff")).unwrap();
+        let deposit = |id: usize, customer: &str| {
+            Record::Transaction(Tx {
+                transaction_id: format!("t{id}").into(),
+                customer_id: customer.into(),
+                transaction_type: TransactionType::Deposit,
+                amount: "1".parse().unwrap(),
+                currency: "USD".into(),
+                transaction_date: "2025-01-01T00:00:00Z".parse().unwrap(),
+                status: "approved".into(),
+                last_modified_date: None,
+            })
+        };
+        let staged = |tx: &Transaction, customers: &[&str]| {
+            tx.execute("DELETE FROM staged_transactions", []).unwrap();
+            let page: Vec<Record> = customers
+                .iter()
+                .enumerate()
+                .map(|(i, c)| deposit(i, c))
+                .collect();
+            Writer::run(tx, Entity::Transactions, true, |w| {
+                page.iter().try_for_each(|r| w.write("a", r))
+            })
+            .unwrap();
+        };
+        let noted = |tx: &Transaction| -> Vec<String> {
+            tx.prepare("SELECT customer_id FROM temp.missing_customers ORDER BY customer_id")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        staged(&tx, &["m2", "held", "m1", "m2", "held", "m1", "m3", "m2"]);
+        for chunk_rows in [1, 3, 1000] {
+            assert!(note_missing_parents_by(&tx, Entity::Transactions, chunk_rows).unwrap());
+            assert_eq!(noted(&tx), ["m1", "m2", "m3"], "{chunk_rows} rows a chunk");
+        }
+        staged(&tx, &["held", "held"]);
+        assert!(!note_missing_parents_by(&tx, Entity::Transactions, 1).unwrap());
+        assert!(noted(&tx).is_empty());
     }
 
     /// A page goes out `ROWS` records a statement and the rest one by one: every record is
