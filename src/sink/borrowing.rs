@@ -63,21 +63,21 @@ impl<'c> BorrowingStatement<'c> {
         let stmt = self.stmt.as_ptr();
         let mut rc = ffi::SQLITE_OK;
         for (at, value) in (1..).zip(values) {
+            // A NULL needs no binding: every parameter is NULL until bound, and again once the
+            // bindings are cleared (below, at the end of every run).
+            let Some(text) = value else { continue };
             // SAFETY: `stmt` is live and `at` is in range. A text is bound `SQLITE_STATIC`:
             // SQLite reads it in place until the bindings are cleared below, within this
             // call, while `values` borrows it.
             rc = unsafe {
-                match value {
-                    Some(text) => ffi::sqlite3_bind_text64(
-                        stmt,
-                        at,
-                        text.as_ptr().cast(),
-                        text.len() as ffi::sqlite3_uint64,
-                        ffi::SQLITE_STATIC(),
-                        ffi::SQLITE_UTF8 as _,
-                    ),
-                    None => ffi::sqlite3_bind_null(stmt, at),
-                }
+                ffi::sqlite3_bind_text64(
+                    stmt,
+                    at,
+                    text.as_ptr().cast(),
+                    text.len() as ffi::sqlite3_uint64,
+                    ffi::SQLITE_STATIC(),
+                    ffi::SQLITE_UTF8 as _,
+                )
             };
             if rc != ffi::SQLITE_OK {
                 break;
@@ -174,6 +174,15 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 102);
+        // A NULL is not bound but left as the last run cleared it: never a text from before.
+        insert
+            .execute(&[Some("key z"), Some("b"), Some("z")])
+            .unwrap();
+        insert.execute(&[Some("key w"), None, Some("w")]).unwrap();
+        let b: Option<String> = conn
+            .query_row("SELECT b FROM t WHERE a = 'key w'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(b, None);
 
         assert!(BorrowingStatement::prepare(&conn, "INSERT INTO nowhere VALUES (1)").is_err());
     }
