@@ -649,8 +649,12 @@ const MERGE_AT: u64 = 8_000_000;
 /// Merges the staged rows of `entity`: those whose customer is not stored are held (or,
 /// should one no longer validate, quarantined), the rest upserted into the keyed table.
 fn merge_entity(tx: &Transaction, entity: Entity, now: &str) -> rusqlite::Result<Merged> {
+    let started = std::time::Instant::now();
     let held = hold_staged_orphans(tx, entity, now)?;
+    let checked = started.elapsed();
     let stored = sqlite::merge(tx, entity)?;
+    debug!(%entity, stored, held, parents_checked_in = ?checked, merged_in = ?started.elapsed() - checked,
+           "Staged records merged.");
     if entity == Entity::Customers && stored > 0 {
         release_all_held(tx)?;
     }
