@@ -9,6 +9,7 @@
 //! merge rather than once per record. Either way the same upsert applies, with the same
 //! newest-wins rule.
 
+use std::ops::Range;
 use std::sync::LazyLock;
 
 use jiff::{Timestamp, civil::Date};
@@ -352,8 +353,10 @@ fn note_missing_parents_by(
     let mut any = false;
     let mut chunk = ParentChunk::with_capacity(chunk_rows, chunk_text);
     let mut check = |chunk: &mut ParentChunk| -> rusqlite::Result<()> {
-        for (broker, ids) in chunk.sorted_distinct() {
-            customers_missing(tx, broker, &ids, |id| {
+        for (broker, keys) in chunk.sort_distinct() {
+            let broker = chunk.brokers[broker].as_str();
+            let id = |key: &ParentKey| chunk.id(key);
+            customers_missing(tx, broker, &chunk.keys[keys], id, |id| {
                 any = true;
                 note.execute(params![broker, id]).map(drop)
             })?;
@@ -383,14 +386,16 @@ fn note_missing_parents_by(
 const PARENT_CHUNK_ROWS: usize = 384 * 1024;
 const PARENT_CHUNK_TEXT: usize = 6 * 1024 * 1024;
 
-/// Calls `missing` with each of `ids` (sorted and distinct) that the store holds no customer
-/// of `broker` under. One walk along the index of customers, from the first id on: a few rows
-/// stepped over cost less than a lookup each (about 5k instructions: a statement run and a
-/// descent of the index), but where the next id is far ahead the walk seeks to it instead.
-fn customers_missing(
+/// Calls `missing` with the id of each of `ids` (sorted by `id` and distinct) that the store
+/// holds no customer of `broker` under. One walk along the index of customers, from the first
+/// id on: a few rows stepped over cost less than a lookup each (about 5k instructions: a
+/// statement run and a descent of the index), but where the next id is far ahead the walk
+/// seeks to it instead.
+fn customers_missing<'t, K>(
     tx: &Transaction,
     broker: &str,
-    ids: &[&str],
+    ids: &[K],
+    id: impl Fn(&K) -> &'t str,
     mut missing: impl FnMut(&str) -> rusqlite::Result<()>,
 ) -> rusqlite::Result<()> {
     /// Rows stepped over, without reaching the next id, before the walk seeks to it.
@@ -400,19 +405,19 @@ fn customers_missing(
          WHERE c.broker = ?1 AND c.customer_id >= ?2 ORDER BY c.customer_id",
     )?;
     let mut next = 0;
-    while let Some(&from) = ids.get(next) {
+    while let Some(from) = ids.get(next).map(&id) {
         let mut rows = walk.query(params![broker, from])?;
         let mut stepped = 0;
         while stepped < SEEK_AFTER {
             let Some(row) = rows.next()? else {
                 // Past the broker's last customer: the rest are all missing.
-                return ids[next..].iter().try_for_each(|id| missing(id));
+                return ids[next..].iter().try_for_each(|key| missing(id(key)));
             };
             let held = row.get_ref(0)?.as_str()?;
             stepped += 1;
-            while let Some(&id) = ids.get(next).filter(|id| **id <= held) {
-                if id < held {
-                    missing(id)?;
+            while let Some(wanted) = ids.get(next).map(&id).filter(|wanted| *wanted <= held) {
+                if wanted < held {
+                    missing(wanted)?;
                 }
                 next += 1;
                 stepped = 0;
@@ -441,6 +446,12 @@ struct ParentKey {
     start: u32,
     len: u32,
     broker: u32,
+}
+
+impl ParentKey {
+    fn id<'t>(&self, text: &'t str) -> &'t str {
+        &text[self.start as usize..self.start as usize + self.len as usize]
+    }
 }
 
 impl ParentChunk {
@@ -479,26 +490,30 @@ impl ParentChunk {
         self.text.push_str(id);
     }
 
-    /// Each broker with its ids, each once and in order.
-    fn sorted_distinct(&mut self) -> Vec<(&str, Vec<&str>)> {
+    fn id(&self, key: &ParentKey) -> &str {
+        key.id(&self.text)
+    }
+
+    /// Sorts the keys by broker and id, each once, and returns each broker's run of them
+    /// (nothing is allocated beyond one entry a broker).
+    fn sort_distinct(&mut self) -> Vec<(usize, Range<usize>)> {
         let text = self.text.as_str();
-        let id = |k: &ParentKey| &text[k.start as usize..k.start as usize + k.len as usize];
         let order = |a: &ParentKey, b: &ParentKey| {
             (a.broker, a.prefix)
                 .cmp(&(b.broker, b.prefix))
-                .then_with(|| id(a).cmp(id(b)))
+                .then_with(|| a.id(text).cmp(b.id(text)))
         };
         self.keys.sort_unstable_by(order);
         self.keys.dedup_by(|a, b| order(a, b).is_eq());
-        let mut brokers: Vec<(&str, Vec<&str>)> = Vec::new();
-        for key in &self.keys {
-            let broker = self.brokers[key.broker as usize].as_str();
-            match brokers.last_mut() {
-                Some((last, ids)) if *last == broker => ids.push(id(key)),
-                _ => brokers.push((broker, vec![id(key)])),
+        let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
+        for (at, key) in self.keys.iter().enumerate() {
+            let broker = key.broker as usize;
+            match runs.last_mut() {
+                Some((last, run)) if *last == broker => run.end = at + 1,
+                _ => runs.push((broker, at..at + 1)),
             }
         }
-        brokers
+        runs
     }
 
     fn clear(&mut self) {
@@ -682,10 +697,16 @@ mod tests {
             asked_sparse.to_vec(),
         ] {
             let mut named = Vec::new();
-            customers_missing(&tx, "a", &ids, |id| {
-                named.push(id.to_owned());
-                Ok(())
-            })
+            customers_missing(
+                &tx,
+                "a",
+                &ids,
+                |id| id,
+                |id| {
+                    named.push(id.to_owned());
+                    Ok(())
+                },
+            )
             .unwrap();
             let expected: Vec<&str> = ids
                 .iter()
@@ -696,10 +717,16 @@ mod tests {
         }
         // Another broker's customers are not this one's.
         let mut named = Vec::new();
-        customers_missing(&tx, "b", &["c0000", "c0001", "c0002"], |id| {
-            named.push(id.to_owned());
-            Ok(())
-        })
+        customers_missing(
+            &tx,
+            "b",
+            &["c0000", "c0001", "c0002"],
+            |id| id,
+            |id| {
+                named.push(id.to_owned());
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(named, ["c0000", "c0002"]);
     }

@@ -653,7 +653,7 @@ fn merge_entity(tx: &Transaction, entity: Entity, now: &str) -> rusqlite::Result
     let held = hold_staged_orphans(tx, entity, now)?;
     let checked = started.elapsed();
     let stored = sqlite::merge(tx, entity)?;
-    debug!(%entity, stored, held, parents_checked_in = ?checked, merged_in = ?started.elapsed() - checked,
+    debug!(%entity, stored, held, parents_checked_in = ?checked, merged_in = ?started.elapsed().saturating_sub(checked),
            "Staged records merged.");
     if entity == Entity::Customers && stored > 0 {
         release_all_held(tx)?;
