@@ -324,9 +324,9 @@ pub fn customers_found(
 ///
 /// The staged rows are read in the order staged, a chunk at a time (`PARENT_CHUNK_ROWS` and
 /// `PARENT_CHUNK_TEXT`); each chunk's customers are sorted and made distinct here, then found
-/// by one walk along the index (`customers_missing`). Sorting every staged row with SQLite (`ORDER BY customer_id`) and
-/// looking each customer up with a statement of its own took twice the instructions: a tenth
-/// of a 100k backfill's.
+/// by one walk along the index (`customers_missing`). Sorting every staged row with SQLite
+/// (`ORDER BY customer_id`) and looking each customer up with a statement of its own took
+/// twice the instructions: a tenth of a 100k backfill's.
 pub fn note_missing_parents(tx: &Transaction, entity: Entity) -> rusqlite::Result<bool> {
     note_missing_parents_by(tx, entity, PARENT_CHUNK_ROWS, PARENT_CHUNK_TEXT)
 }
@@ -355,7 +355,7 @@ fn note_missing_parents_by(
     let mut check = |chunk: &mut ParentChunk| -> rusqlite::Result<()> {
         for (broker, keys) in chunk.sort_distinct() {
             let broker = chunk.brokers[broker].as_str();
-            let id = |key: &ParentKey| chunk.id(key);
+            let id = |key: &ParentKey| key.id(&chunk.text);
             customers_missing(tx, broker, &chunk.keys[keys], id, |id| {
                 any = true;
                 note.execute(params![broker, id]).map(drop)
@@ -440,8 +440,8 @@ struct ParentChunk {
 }
 
 struct ParentKey {
-    /// The id's first 8 bytes, big-endian, zero-padded: ordered as the bytes are (a text
-    /// never holds a NUL, which validation refuses).
+    /// The id's first 8 bytes, big-endian, zero-padded. A smaller prefix is a smaller id as
+    /// SQLite compares texts (bytes, then the shorter first); equal prefixes compare in full.
     prefix: u64,
     start: u32,
     len: u32,
@@ -488,10 +488,6 @@ impl ParentChunk {
             broker: broker as u32,
         });
         self.text.push_str(id);
-    }
-
-    fn id(&self, key: &ParentKey) -> &str {
-        key.id(&self.text)
     }
 
     /// Sorts the keys by broker and id, each once, and returns each broker's run of them
